@@ -1,0 +1,1 @@
+"""Hash-chained, HMAC-ed audit trail (see issue: audit trail)."""

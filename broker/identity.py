@@ -1,0 +1,1 @@
+"""Workload identity: bearer JWT -> Principal (see issue: identity and policies)."""
