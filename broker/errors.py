@@ -12,6 +12,7 @@ one place, ``broker.api.errors``.
     │   ├── InvalidIdentifier        INVALID_IDENTIFIER
     │   └── InvalidMspcToken         INVALID_MSPC_TOKEN
     ├── AuthenticationFailed         UNAUTHENTICATED
+    │   └── IdentityUnavailable      IDENTITY_UNAVAILABLE (retry_after_seconds)
     ├── PolicyDenied                 POLICY_DENIED
     ├── PolicyInvalid                POLICY_INVALID
     ├── NotFound                     NOT_FOUND
@@ -91,6 +92,12 @@ class AuthenticationFailed(BrokerError):
     """The caller's credential could not be verified."""
 
     code = "UNAUTHENTICATED"
+
+
+class IdentityUnavailable(AuthenticationFailed):
+    """The token issuer (JWKS / discovery / TokenReview) cannot be reached; the token was not judged."""
+
+    code = "IDENTITY_UNAVAILABLE"
 
 
 class PolicyDenied(BrokerError):

@@ -165,6 +165,22 @@ class IdentitySettings(_Group):
     jwks_cache_seconds: float = Field(300.0, ge=0, description="How long fetched keys are trusted, in seconds.")
     http_timeout_seconds: float = Field(3.0, gt=0, description="Timeout of JWKS / TokenReview calls, in seconds.")
     verified_cache_size: int = Field(10000, ge=0, description="Verified tokens remembered (by hash) until expiry.")
+    verified_cache_max_seconds: float = Field(
+        300.0, ge=0, description="Longest a verified token is reused unverified (never past exp), in seconds."
+    )
+    jwks_max_stale_seconds: float = Field(
+        3600.0, ge=0, description="Keep the last good keys this long while the issuer is unreachable, in seconds."
+    )
+    tokenreview_url: str = Field(
+        "https://kubernetes.default.svc", description="Kubernetes API server base URL (mode=tokenreview)."
+    )
+    tokenreview_ca_bundle_path: Path | None = Field(
+        None, description="PEM CA bundle of the API server (mode=tokenreview); unset = system CAs."
+    )
+    tokenreview_token_path: Path = Field(
+        Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+        description="The broker's own service-account token, read at each TokenReview call.",
+    )
 
 
 class PolicySettings(_Group):
