@@ -72,6 +72,32 @@ def config_cmd(ctx: click.Context) -> None:
     click.echo(settings.model_dump_json(indent=2))
 
 
+@cli.command("simulator")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Listen address.")
+@click.option("--port", default=8300, show_default=True, type=click.IntRange(0, 65535), help="Listen port (0 = any).")
+@click.option("--seed", "seed_path", type=click.Path(dir_okay=False), help="Seed YAML/JSON file.")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False), help="Persist state in this JSON file.")
+@click.option("--duplicate-mode", type=click.Choice(["new", "conflict"]), default="new", show_default=True)
+@click.option("--latency-ms", type=click.FloatRange(min=0), default=0.0, help="Fault: added latency, in ms.")
+@click.option("--error-rate", type=click.FloatRange(0, 1), default=0.0, help="Fault: share of 5xx answers.")
+@click.option("--error-status", type=click.IntRange(500, 599), default=503, show_default=True)
+@click.option("--hang-seconds", type=click.FloatRange(min=0), default=0.0, help="Fault: hang before answering.")
+@click.option("--lose-response", is_flag=True, help="Fault: handle requests, then drop the connection.")
+@click.option("--fault-endpoint", default=None, help="Faults only for this endpoint (e.g. integration.create).")
+@click.option("--fault-requests", type=click.IntRange(min=1), default=None, help="Faults only for the next N.")
+@click.option("--fault-seed", type=int, default=0, show_default=True, help="Seed of the fault RNG.")
+@click.option("--rate-limit-capacity", type=click.IntRange(min=1), default=None, help="Per-client bucket size.")
+@click.option("--rate-limit-refill-per-second", type=click.FloatRange(min=0.001), default=1.0, show_default=True)
+@click.option("--admin-token", envvar="MSPC_SIMULATOR_ADMIN_TOKEN", default=None, help="Bearer token for /_sim/*.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@handle_errors
+def simulator_cmd(host: str, port: int, seed_path: str | None, state_path: str | None, **options: Any) -> None:
+    """Run the MSPC OEM / Vendor API simulator (test controls under /_sim/)."""
+    from broker.simulator.server import serve_from_options
+
+    serve_from_options(host=host, port=port, seed_path=seed_path, state_path=state_path, announce=click.echo, **options)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="broker")
