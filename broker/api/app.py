@@ -1,0 +1,379 @@
+"""HTTP routes: tokens, admin, health, metrics. ``create_app(runtime)`` builds the app.
+
+Routes only parse, call ``BrokerService`` and shape the answer. Errors become
+RFC 9457 problems in ``broker.api.errors``; anything unexpected becomes a
+500 problem without a traceback or a secret. One canonical log line per
+request carries request id, principal, deciding rule, outcome and latency.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Any, Protocol
+
+import structlog
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from broker.api.errors import problem, problem_for
+from broker.engine.core import IntegrationStatus, Outcome
+from broker.engine.desired import DesiredIntegration
+from broker.errors import BrokerError, InvalidInput
+from broker.log import get_logger
+from broker.metrics import Metrics
+from broker.models import IntegrationRef, Principal
+from broker.service import BrokerService
+
+log = get_logger("api")
+
+Auth = Annotated[str | None, Header(description="Bearer <Kubernetes projected service-account token>")]
+
+
+class RuntimeLike(Protocol):
+    """What the app needs from the process runtime (``broker.runtime.Runtime``)."""
+
+    service: BrokerService
+    metrics: Metrics
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+# -- request / response models ----------------------------------------------------
+
+
+class TokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    organization_id: str = Field(min_length=1, max_length=128, description="MSPC organizationId.")
+    vendor_id: str = Field(min_length=1, max_length=128, description="MSPC vendorId.")
+    min_ttl_seconds: int = Field(0, ge=0, le=86400, description="Refuse rather than issue a token living less.")
+
+
+class TokenResponse(BaseModel):
+    token: str = Field(description="The MSPC_TOKEN: send as 'Authorization: Bearer <token>' to the Vendor API.")
+    token_type: str = Field("Bearer", description="Always 'Bearer'.")
+    expires_at: datetime = Field(description="When the broker stops vouching for this token (UTC).")
+    ttl_seconds: int = Field(description="Lifetime granted, in seconds.")
+    lease_id: str = Field(description="Id of this issuance in the audit trail.")
+    partner_key_version: str = Field(description="Store version of the partner key used.")
+    vendor_key_version: str = Field(description="Store version of the vendor key used.")
+    stale: bool = Field(description="True if a key was served from cache during a backend outage.")
+
+
+class IntegrationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    organization_id: str = Field(min_length=1, max_length=128)
+    vendor_id: str = Field(min_length=1, max_length=128)
+    max_key_age_seconds: int | None = Field(None, gt=0, description="Rotate after this age, in seconds.")
+    grace_seconds: int | None = Field(None, ge=0, description="Old key stays valid this long, in seconds.")
+
+
+class RetiringView(BaseModel):
+    version: str
+    retire_at: float
+
+
+class OrphanView(BaseModel):
+    integration_id: str
+    detected_at: float
+    revoked: bool
+
+
+class IntegrationView(BaseModel):
+    organization_id: str
+    vendor_id: str
+    state: str
+    current_version: str | None
+    pending_version: str | None
+    previous_version: str | None
+    key_created_at: datetime | None
+    key_age_seconds: float | None
+    next_rotation_at: float | None
+    versions: int
+    retiring: list[RetiringView]
+    orphans: list[OrphanView]
+    last_error: str | None
+
+    @classmethod
+    def of(cls, s: IntegrationStatus) -> IntegrationView:
+        return cls(
+            organization_id=s.ref.organization_id,
+            vendor_id=s.ref.vendor_id,
+            state=s.state,
+            current_version=s.current_version,
+            pending_version=s.pending_version,
+            previous_version=s.previous_version,
+            key_created_at=s.key_created_at,
+            key_age_seconds=s.key_age_seconds,
+            next_rotation_at=s.next_rotation_at,
+            versions=s.versions,
+            retiring=[RetiringView(version=r.version, retire_at=r.retire_at) for r in s.retiring],
+            orphans=[
+                OrphanView(integration_id=o.integration_id, detected_at=o.detected_at, revoked=o.revoked)
+                for o in s.orphans
+            ],
+            last_error=s.last_error,
+        )
+
+
+class OutcomeView(BaseModel):
+    organization_id: str
+    vendor_id: str
+    action: str
+    ok: bool
+    version: str | None
+    code: str | None
+    message: str
+    orphans: int
+
+    @classmethod
+    def of(cls, o: Outcome) -> OutcomeView:
+        return cls(
+            organization_id=o.ref.organization_id,
+            vendor_id=o.ref.vendor_id,
+            action=o.action,
+            ok=o.ok,
+            version=o.version,
+            code=o.code,
+            message=o.message,
+            orphans=o.orphans,
+        )
+
+
+class AuthzCheckRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    organization_id: str | None = Field(None, min_length=1, max_length=128)
+    vendor_id: str | None = Field(None, min_length=1, max_length=128)
+    action: str = Field("token:issue", description="token:issue, integration:read, ... ")
+    subject: str | None = Field(
+        None, description="namespace/service-account to check instead of the caller (needs integration:read)."
+    )
+
+
+class AuthzCheckResponse(BaseModel):
+    subject: str
+    action: str
+    allowed: bool
+    rule_id: str | None
+    reason: str
+    ttl_cap_seconds: int | None
+
+
+def _ref(org: str | None, vendor: str | None) -> IntegrationRef | None:
+    if org is None and vendor is None:
+        return None
+    if org is None or vendor is None:
+        raise InvalidInput("give both organization_id and vendor_id, or neither")
+    return IntegrationRef(org, vendor)
+
+
+# -- the app ------------------------------------------------------------------------
+
+
+def create_app(runtime: RuntimeLike, *, manage_lifecycle: bool = True) -> FastAPI:
+    """Build the ASGI app around a runtime (started and stopped in the lifespan)."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if manage_lifecycle:
+            runtime.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                runtime.stop()
+
+    app = FastAPI(
+        title="mspc-broker",
+        version="1",
+        description="Short-lived MSPC_TOKENs for Kubernetes workloads.",
+        lifespan=lifespan,
+    )
+    service = runtime.service
+    metrics = runtime.metrics
+
+    @app.middleware("http")
+    async def canonical_log_line(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        if len(request_id) > 64 or not request_id.isascii():
+            request_id = uuid.uuid4().hex
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        request.state.principal = None
+        request.state.rule_id = None
+        start = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:  # a bug: never a traceback or a secret to the client
+            log.exception("unhandled error", path=request.url.path)
+            response = problem(500, "INTERNAL", "internal error; see the broker log with this request id")
+        elapsed = time.perf_counter() - start
+        route = request.scope.get("route")
+        route_name = getattr(route, "path", "unmatched")
+        metrics.requests.labels(route=route_name, method=request.method, status=str(response.status_code)).inc()
+        metrics.request_seconds.labels(route=route_name).observe(elapsed)
+        response.headers["X-Request-Id"] = request_id
+        if route_name not in ("/livez", "/readyz", "/metrics"):
+            principal: Principal | None = request.state.principal
+            log.info(
+                "request",
+                method=request.method,
+                route=route_name,
+                status=response.status_code,
+                principal=principal.subject if principal else None,
+                pod=principal.pod_name if principal else None,
+                rule_id=request.state.rule_id,
+                latency_ms=round(elapsed * 1000, 3),
+            )
+        structlog.contextvars.clear_contextvars()
+        return response
+
+    @app.exception_handler(BrokerError)
+    async def broker_error(_: Request, exc: BrokerError) -> JSONResponse:
+        return problem_for(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return problem(400, InvalidInput.code, f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
+        return problem(exc.status_code, code, str(exc.detail))
+
+    async def caller(request: Request, authorization: str | None) -> Principal:
+        principal = await service.authenticate(authorization)
+        request.state.principal = principal
+        return principal
+
+    problem_responses: dict[int | str, dict[str, Any]] = {
+        s: {"description": t, "content": {"application/problem+json": {}}}
+        for s, t in (
+            (400, "Bad request"),
+            (401, "Unauthenticated"),
+            (403, "Denied by policy"),
+            (404, "Unknown integration"),
+            (409, "Conflict"),
+            (503, "Backend unavailable"),
+        )
+    }
+
+    @app.post("/v1/tokens", status_code=201, response_model=TokenResponse, responses=problem_responses)
+    async def issue_token(body: TokenRequest, request: Request, authorization: Auth = None) -> TokenResponse:
+        """Issue a short-lived MSPC_TOKEN for one integration."""
+        principal = await caller(request, authorization)
+        issued = await service.issue_token(
+            principal, IntegrationRef(body.organization_id, body.vendor_id), body.min_ttl_seconds
+        )
+        request.state.rule_id = issued.rule_id
+        return TokenResponse(
+            token=issued.token.get_secret_value(),
+            expires_at=issued.expires_at,
+            ttl_seconds=issued.ttl_seconds,
+            lease_id=issued.lease_id,
+            partner_key_version=issued.partner_key_version,
+            vendor_key_version=issued.vendor_key_version,
+            stale=issued.stale,
+        )
+
+    @app.get("/v1/integrations", response_model=list[IntegrationView], responses=problem_responses)
+    async def list_integrations(request: Request, authorization: Auth = None) -> list[IntegrationView]:
+        """Status of every desired integration the caller may read (never secrets)."""
+        principal = await caller(request, authorization)
+        return [IntegrationView.of(s) for s in await service.list_integrations(principal)]
+
+    @app.get(
+        "/v1/integrations/{organization_id}/{vendor_id}", response_model=IntegrationView, responses=problem_responses
+    )
+    async def get_integration(
+        organization_id: str, vendor_id: str, request: Request, authorization: Auth = None
+    ) -> IntegrationView:
+        """Versions, stages, ages and state of one integration."""
+        principal = await caller(request, authorization)
+        return IntegrationView.of(await service.get_integration(principal, IntegrationRef(organization_id, vendor_id)))
+
+    @app.post("/v1/integrations", status_code=201, response_model=OutcomeView, responses=problem_responses)
+    async def add_integration(body: IntegrationRequest, request: Request, authorization: Auth = None) -> OutcomeView:
+        """Add a desired integration and provision it."""
+        principal = await caller(request, authorization)
+        item = DesiredIntegration(
+            IntegrationRef(body.organization_id, body.vendor_id), body.max_key_age_seconds, body.grace_seconds
+        )
+        return OutcomeView.of(await service.add_integration(principal, item))
+
+    for verb in ("rotate", "rollback", "revoke"):
+
+        def make(verb: str) -> Callable[..., Awaitable[OutcomeView]]:
+            async def action(
+                organization_id: str, vendor_id: str, request: Request, authorization: Auth = None
+            ) -> OutcomeView:
+                principal = await caller(request, authorization)
+                ref = IntegrationRef(organization_id, vendor_id)
+                outcome = await getattr(service, verb)(principal, ref)
+                return OutcomeView.of(outcome)
+
+            action.__doc__ = {
+                "rotate": "Rotate the partner key now (old key valid for the grace period).",
+                "rollback": "Promote the previous partner key back to current (if not yet revoked).",
+                "revoke": "Break glass: rotate with zero grace and revoke the old key at once.",
+            }[verb]
+            action.__name__ = f"{verb}_integration"
+            return action
+
+        app.post(
+            f"/v1/integrations/{{organization_id}}/{{vendor_id}}/{verb}",
+            response_model=OutcomeView,
+            responses=problem_responses,
+        )(make(verb))
+
+    @app.post("/v1/authz/check", response_model=AuthzCheckResponse, responses=problem_responses)
+    async def authz_check(body: AuthzCheckRequest, request: Request, authorization: Auth = None) -> AuthzCheckResponse:
+        """Dry run: would this principal be allowed, and which rule decides."""
+        principal = await caller(request, authorization)
+        ref = _ref(body.organization_id, body.vendor_id)
+        subject = principal
+        if body.subject is not None and body.subject != principal.subject:
+            await service.authorize(principal, "integration:read", ref)
+            namespace, sep, account = body.subject.partition("/")
+            if not sep or not namespace or not account:
+                raise InvalidInput("subject must be namespace/service-account")
+            subject = Principal(namespace=namespace, service_account=account)
+        decision = service.check(subject, body.action, ref)
+        return AuthzCheckResponse(
+            subject=subject.subject,
+            action=body.action,
+            allowed=decision.allowed,
+            rule_id=decision.rule_id,
+            reason=decision.reason,
+            ttl_cap_seconds=decision.ttl_cap_seconds,
+        )
+
+    @app.get("/livez", include_in_schema=False)
+    async def livez() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        ok, checks = runtime.readiness()
+        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

@@ -1,0 +1,681 @@
+"""The provisioning and rotation engine: a crash-safe saga per integration.
+
+One saga (provision, rotate, revoke) runs under an *intent* recorded with
+compare-and-swap in the integration's state record (``engine.state``): the
+CAS winner alone proceeds, across threads, processes and replicas. Steps::
+
+    intent_recorded -> oem_created -> key_stored -> pending_staged
+        -> probed -> promoted -> intent_closed
+
+* The partner key is written as a new store version *before* anything else
+  happens with it, tagged with the intent id, so once the OEM answered and the
+  write returned, the key is never lost.
+* A crashed saga leaves an intent whose ``updated_at`` grows old; after
+  ``engine.intent_stale_seconds`` another run takes it over (CAS again). If
+  the crashed run had stored its key, the saga resumes from there; if not, the
+  OEM may hold an integration nobody has a key for, so the run provisions
+  afresh and sweeps orphans (``integration/list``; revoked when supported).
+* A failed probe discards ``pending`` and leaves ``current`` untouched.
+* A replaced key stays valid for the grace period, then is revoked at the OEM
+  (when supported) and marked retired by ``retire_due``.
+
+The engine is synchronous; ``reconcile_all`` runs sagas on a bounded pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import SecretStr
+
+from broker.engine.desired import DesiredIntegration
+from broker.engine.ports import AuditPort, NullAudit, OemPort
+from broker.engine.state import (
+    INTEGRATION_ID_FIELD,
+    INTENT_ID_FIELD,
+    PARTNER_KEY_FIELD,
+    IntegrationState,
+    Intent,
+    Loaded,
+    Orphan,
+    RetiringKey,
+    load_state,
+    save_state,
+)
+from broker.errors import (
+    BrokerError,
+    Conflict,
+    IntegrationNotFound,
+    NotFound,
+    OemOutcomeUnknown,
+    OemUnavailable,
+    SecretNotFound,
+)
+from broker.log import get_logger
+from broker.metrics import Metrics
+from broker.models import IntegrationRef, SecretInfo, SecretValue, Stage
+from broker.mspc_token import compose
+from broker.settings import Settings
+from broker.stores.base import SecretStore
+
+log = get_logger("engine")
+
+StepHook = Callable[[str, IntegrationRef], None]
+
+STEPS = (
+    "intent_recorded",
+    "oem_created",
+    "key_stored",
+    "pending_staged",
+    "probed",
+    "promoted",
+    "intent_closed",
+    "revoked",
+    "retired",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one engine operation did to one integration."""
+
+    ref: IntegrationRef
+    action: str
+    ok: bool = True
+    version: str | None = None
+    code: str | None = None
+    message: str = ""
+    orphans: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class IntegrationStatus:
+    """A status row: versions, ages, state; never a key."""
+
+    ref: IntegrationRef
+    current_version: str | None
+    pending_version: str | None
+    previous_version: str | None
+    key_created_at: datetime | None
+    key_age_seconds: float | None
+    next_rotation_at: float | None
+    state: str
+    retiring: tuple[RetiringKey, ...] = ()
+    orphans: tuple[Orphan, ...] = ()
+    last_error: str | None = None
+    versions: int = 0
+    stage_map: dict[str, str] = field(default_factory=dict)
+
+
+def default_owner() -> str:
+    """A replica id: host name plus a random suffix (unique per process)."""
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+class Engine:
+    """Provision, rotate, roll back and revoke partner keys (module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: SecretStore,
+        oem: OemPort,
+        *,
+        audit: AuditPort | None = None,
+        metrics: Metrics | None = None,
+        owner: str | None = None,
+        clock: Callable[[], float] = time.time,
+        on_step: StepHook | None = None,
+        on_key_change: Callable[[IntegrationRef], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._oem = oem
+        self._audit: AuditPort = audit or NullAudit()
+        self._metrics = metrics
+        self.owner = owner or default_owner()
+        self._clock = clock
+        self._on_step = on_step
+        self._on_key_change = on_key_change
+
+    # -- paths -------------------------------------------------------------
+
+    def partner_path(self, ref: IntegrationRef) -> str:
+        return self._settings.store.partner_key_path_template.format(
+            organization_id=ref.organization_id, vendor_id=ref.vendor_id
+        )
+
+    def state_path(self, ref: IntegrationRef) -> str:
+        return self._settings.engine.state_path_template.format(
+            organization_id=ref.organization_id, vendor_id=ref.vendor_id
+        )
+
+    def vendor_path(self, vendor_id: str) -> str:
+        return self._settings.store.vendor_key_path_template.format(vendor_id=vendor_id)
+
+    # -- small helpers -----------------------------------------------------
+
+    def _step(self, name: str, ref: IntegrationRef) -> None:
+        if self._on_step is not None:
+            self._on_step(name, ref)
+
+    def _emit(self, action: str, outcome: str, ref: IntegrationRef, **details: Any) -> None:
+        self._audit.record(action, outcome, ref=ref, details={k: v for k, v in details.items() if v is not None})
+
+    def _count(self, kind: str, outcome: str) -> None:
+        if self._metrics is not None:
+            counter = self._metrics.provisions if kind == "provision" else self._metrics.rotations
+            counter.labels(outcome=outcome).inc()
+
+    def _describe(self, path: str) -> SecretInfo | None:
+        try:
+            return self._store.describe(path)
+        except SecretNotFound:
+            return None
+
+    def vendor_key(self, vendor_id: str) -> SecretValue:
+        """Read a vendor key's current version (read-only to the broker)."""
+        return self._store.read(self.vendor_path(vendor_id))
+
+    def vendor_secret(self, value: SecretValue) -> SecretStr:
+        """The vendor key inside a vendor-key secret (``store.vendor_key_field``, or its only field)."""
+        name = self._settings.store.vendor_key_field
+        if name in value.data:
+            return value.field(name)
+        if len(value.data) == 1:
+            return next(iter(value.data.values()))
+        return value.field(name)
+
+    def _grace(self, desired: DesiredIntegration | None) -> int:
+        if desired is not None and desired.grace_seconds is not None:
+            return desired.grace_seconds
+        return self._settings.engine.grace_seconds
+
+    def _max_age(self, desired: DesiredIntegration | None) -> int:
+        if desired is not None and desired.max_key_age_seconds is not None:
+            return desired.max_key_age_seconds
+        return self._settings.engine.max_key_age_seconds
+
+    def _stale(self, intent: Intent) -> bool:
+        return self._clock() - intent.updated_at >= self._settings.engine.intent_stale_seconds
+
+    # -- intents -----------------------------------------------------------
+
+    def _acquire(self, ref: IntegrationRef, op: str, grace_seconds: int) -> tuple[Loaded, Intent | None]:
+        """CAS-record an intent; returns (state, stale intent taken over or None).
+
+        Raises ``Conflict`` if a live intent is held by somebody else or the
+        CAS lost.
+        """
+        path = self.state_path(ref)
+        loaded = load_state(self._store, path)
+        state = loaded.state.model_copy(deep=True)
+        taken_over: Intent | None = None
+        if state.intent is not None:
+            if not self._stale(state.intent):
+                raise Conflict(f"{ref}: a {state.intent.op} by {state.intent.owner} is in progress")
+            taken_over = state.intent
+        info = self._describe(self.partner_path(ref))
+        now = self._clock()
+        state.intent = Intent(
+            op=op,
+            owner=self.owner,
+            started_at=now,
+            updated_at=now,
+            old_current=(info.stages.get(Stage.CURRENT) if info else None),
+            grace_seconds=grace_seconds,
+        )
+        if taken_over is not None:
+            state.orphan_check = True
+        loaded = save_state(self._store, path, loaded, state)
+        self._step("intent_recorded", ref)
+        return loaded, taken_over
+
+    def _close(self, ref: IntegrationRef, loaded: Loaded, mutate: Callable[[IntegrationState], None]) -> Loaded:
+        """Apply ``mutate`` and clear the intent, retrying CAS if only non-intent fields moved."""
+        path = self.state_path(ref)
+        for _ in range(5):
+            state = loaded.state.model_copy(deep=True)
+            mutate(state)
+            state.intent = None
+            try:
+                return save_state(self._store, path, loaded, state)
+            except Conflict:
+                fresh = load_state(self._store, path)
+                mine = loaded.state.intent
+                if fresh.state.intent is None or mine is None or fresh.state.intent.id != mine.id:
+                    raise
+                loaded = fresh
+        raise Conflict(f"{ref}: state record kept changing")
+
+    # -- the saga ----------------------------------------------------------
+
+    def _find_intent_version(self, ref: IntegrationRef, intent: Intent) -> SecretValue | None:
+        """The partner-key version a (crashed) intent stored, if any."""
+        info = self._describe(self.partner_path(ref))
+        if info is None:
+            return None
+        candidates = [info.stages.get(Stage.PENDING), info.stages.get(Stage.CURRENT), info.latest_version]
+        for version in dict.fromkeys(v for v in candidates if v):
+            try:
+                value = self._store.read(self.partner_path(ref), version=version)
+            except NotFound:
+                continue
+            marker = value.data.get(INTENT_ID_FIELD)
+            if marker is not None and marker.get_secret_value() == intent.id:
+                return value
+        return None
+
+    def _run(self, ref: IntegrationRef, op: str, grace_seconds: int) -> Outcome:
+        loaded, taken_over = self._acquire(ref, op, grace_seconds)
+        intent = loaded.state.intent
+        assert intent is not None
+        ppath = self.partner_path(ref)
+        if taken_over is not None:
+            self._emit("intent.taken_over", "success", ref, stale_intent=taken_over.id, op=taken_over.op)
+            found = self._find_intent_version(ref, taken_over)
+            if found is not None:
+                # The crashed run stored its key: adopt its id so the stored
+                # version matches, and continue from the stage moves.
+                intent = intent.model_copy(
+                    update={"id": taken_over.id, "old_current": taken_over.old_current, "op": taken_over.op}
+                )
+                loaded = save_state(
+                    self._store, self.state_path(ref), loaded, loaded.state.model_copy(update={"intent": intent})
+                )
+                return self._finish(ref, loaded, intent, found, resumed=True)
+
+        try:
+            created = self._oem.create_external_integration(ref)
+        except BrokerError as exc:
+            ambiguous = isinstance(exc, OemOutcomeUnknown | OemUnavailable)
+            code = exc.code
+
+            def failed(state: IntegrationState) -> None:
+                state.touch_error(code)
+                state.orphan_check = state.orphan_check or ambiguous
+
+            self._close(ref, loaded, failed)
+            self._count(op, "oem_error")
+            self._emit(f"{op}.oem_create", "failure", ref, code=exc.code, orphan_suspected=ambiguous)
+            raise
+        self._step("oem_created", ref)
+        self._emit(f"{op}.oem_create", "success", ref, integration_id=created.integration_id)
+        if created.possible_duplicate:
+            self._emit("orphan.suspected", "warning", ref, reason="create retried after an ambiguous failure")
+
+        info = self._describe(ppath)
+        data = {
+            PARTNER_KEY_FIELD: created.partner_key,
+            INTEGRATION_ID_FIELD: SecretStr(created.integration_id),
+            INTENT_ID_FIELD: SecretStr(intent.id),
+        }
+        written = self._write_with_retry(ppath, data, info, intent.id)
+        self._step("key_stored", ref)
+        self._emit(f"{op}.key_stored", "success", ref, version=written, integration_id=created.integration_id)
+        value = self._store.read(ppath, version=written)
+        if created.possible_duplicate:
+            loaded = save_state(
+                self._store,
+                self.state_path(ref),
+                loaded,
+                loaded.state.model_copy(update={"orphan_check": True}),
+            )
+        return self._finish(ref, loaded, intent, value, resumed=False)
+
+    def _write_with_retry(self, path: str, data: dict[str, SecretStr], info: SecretInfo | None, intent_id: str) -> str:
+        expected = info.latest_version if info else None
+        for _ in range(5):
+            try:
+                return self._store.write(path, data, expected_latest=expected, idempotency_key=intent_id).version
+            except Conflict:
+                fresh = self._describe(path)
+                expected = fresh.latest_version if fresh else None
+        raise Conflict(f"{path}: could not append the partner key after 5 attempts")
+
+    def _finish(
+        self, ref: IntegrationRef, loaded: Loaded, intent: Intent, value: SecretValue, *, resumed: bool
+    ) -> Outcome:
+        ppath = self.partner_path(ref)
+        op = intent.op
+        info = self._store.describe(ppath)
+        version = value.version
+        if info.stages.get(Stage.CURRENT) != version:
+            pending = info.stages.get(Stage.PENDING)
+            if pending != version:
+                self._store.move_stage(ppath, Stage.PENDING, version, expected=pending)
+            self._step("pending_staged", ref)
+            try:
+                self._probe(ref, value)
+            except BrokerError as exc:
+                return self._probe_failed(ref, loaded, intent, value, exc)
+            self._step("probed", ref)
+            self._store.move_stage(ppath, Stage.CURRENT, version, expected=info.stages.get(Stage.CURRENT))
+            self._store.move_stage(ppath, Stage.PENDING, None, expected=version)
+        self._step("promoted", ref)
+        if self._on_key_change is not None:
+            self._on_key_change(ref)
+        old_current = intent.old_current
+        old_integration = self._integration_id(ppath, old_current) if old_current and old_current != version else None
+        now = self._clock()
+
+        def closed(state: IntegrationState) -> None:
+            state.touch_error(None)
+            state.probe_failures = 0
+            state.last_rotation_at = now
+            if old_current and old_integration and old_current != version:
+                state.retiring.append(
+                    RetiringKey(
+                        version=old_current, integration_id=old_integration, retire_at=now + intent.grace_seconds
+                    )
+                )
+
+        loaded = self._close(ref, loaded, closed)
+        self._step("intent_closed", ref)
+        kind = "provision" if op == "provision" else "rotate"
+        self._count(kind, "success")
+        self._emit(f"{op}.promoted", "success", ref, version=version, previous=old_current, resumed=resumed)
+        log.info("partner key promoted", ref=str(ref), op=op, version=version, resumed=resumed)
+        orphans = 0
+        if loaded.state.orphan_check:
+            orphans = self.sweep_orphans(ref)
+        return Outcome(ref, op + ("d" if op.endswith("e") else "ed"), version=version, orphans=orphans)
+
+    def _probe(self, ref: IntegrationRef, value: SecretValue) -> None:
+        vendor = self.vendor_secret(self.vendor_key(ref.vendor_id))
+        token = compose(vendor, value.field(PARTNER_KEY_FIELD))
+        self._oem.probe_vendor_api(token)
+
+    def _probe_failed(
+        self, ref: IntegrationRef, loaded: Loaded, intent: Intent, value: SecretValue, exc: BrokerError
+    ) -> Outcome:
+        ppath = self.partner_path(ref)
+        self._store.move_stage(ppath, Stage.PENDING, None, expected=value.version)
+        integration_id = value.field(INTEGRATION_ID_FIELD).get_secret_value()
+        revoked = self._revoke_quietly(ref, integration_id)
+
+        def failed(state: IntegrationState) -> None:
+            state.touch_error(exc.code)
+            state.probe_failures += 1
+            if not revoked:
+                state.orphans.append(Orphan(integration_id=integration_id, detected_at=self._clock()))
+
+        self._close(ref, loaded, failed)
+        kind = "provision" if intent.op == "provision" else "rotate"
+        self._count(kind, "probe_failed")
+        self._emit(f"{intent.op}.probe", "failure", ref, code=exc.code, version=value.version, rolled_back=True)
+        log.warning("probe failed; pending discarded, current untouched", ref=str(ref), code=exc.code)
+        return Outcome(ref, "probe_failed", ok=False, version=value.version, code=exc.code, message=exc.message)
+
+    def _integration_id(self, path: str, version: str) -> str | None:
+        try:
+            value = self._store.read(path, version=version)
+        except NotFound:
+            return None
+        marker = value.data.get(INTEGRATION_ID_FIELD)
+        return marker.get_secret_value() if marker is not None else None
+
+    def _revoke_quietly(self, ref: IntegrationRef, integration_id: str) -> bool:
+        if not self._settings.oem.revoke_supported:
+            return False
+        try:
+            self._oem.revoke_integration(integration_id)
+        except NotFound:
+            return True
+        except BrokerError as exc:
+            self._emit("integration.revoke", "failure", ref, integration_id=integration_id, code=exc.code)
+            return False
+        self._step("revoked", ref)
+        self._emit("integration.revoke", "success", ref, integration_id=integration_id)
+        return True
+
+    # -- public operations ---------------------------------------------------
+
+    def provision(self, desired: DesiredIntegration) -> Outcome:
+        """Make sure the integration has a ``current`` partner key."""
+        info = self._describe(self.partner_path(desired.ref))
+        if info is not None and info.stages.get(Stage.CURRENT):
+            return Outcome(desired.ref, "unchanged", version=info.stages[Stage.CURRENT])
+        return self._run(desired.ref, "provision", self._grace(desired))
+
+    def rotate(self, desired: DesiredIntegration, *, grace_seconds: int | None = None) -> Outcome:
+        """Replace the current partner key now (the old one stays valid for the grace period)."""
+        grace = self._grace(desired) if grace_seconds is None else grace_seconds
+        info = self._describe(self.partner_path(desired.ref))
+        op = "rotate" if info is not None and info.stages.get(Stage.CURRENT) else "provision"
+        return self._run(desired.ref, op, grace)
+
+    def revoke(self, desired: DesiredIntegration) -> Outcome:
+        """Break glass: rotate with zero grace and revoke the old key at once."""
+        outcome = self.rotate(desired, grace_seconds=0)
+        if not outcome.ok:
+            return outcome
+        self.retire_due(desired.ref, force=True)
+        return Outcome(desired.ref, "revoked", version=outcome.version, orphans=outcome.orphans)
+
+    def rollback(self, ref: IntegrationRef) -> Outcome:
+        """Promote ``previous`` back to ``current`` if it has not been revoked yet."""
+        ppath = self.partner_path(ref)
+        spath = self.state_path(ref)
+        info = self._describe(ppath)
+        if info is None or not info.stages.get(Stage.CURRENT):
+            raise IntegrationNotFound(f"{ref} has no current partner key")
+        previous = info.stages.get(Stage.PREVIOUS)
+        current = info.stages[Stage.CURRENT]
+        loaded = load_state(self._store, spath)
+        if previous is None or not any(r.version == previous for r in loaded.state.retiring):
+            raise Conflict(f"{ref}: no previous partner key that is still valid (revoked or never rotated)")
+        if loaded.state.intent is not None and not self._stale(loaded.state.intent):
+            raise Conflict(f"{ref}: a {loaded.state.intent.op} is in progress")
+        self._store.move_stage(ppath, Stage.CURRENT, previous, expected=current)
+        if self._on_key_change is not None:
+            self._on_key_change(ref)
+        demoted_id = self._integration_id(ppath, current)
+        now = self._clock()
+        grace = self._settings.engine.grace_seconds
+        for _ in range(5):
+            state = loaded.state.model_copy(deep=True)
+            state.retiring = [r for r in state.retiring if r.version != previous]
+            if demoted_id:
+                state.retiring.append(RetiringKey(version=current, integration_id=demoted_id, retire_at=now + grace))
+            try:
+                save_state(self._store, spath, loaded, state)
+                break
+            except Conflict:
+                loaded = load_state(self._store, spath)
+        self._count("rotate", "rolled_back")
+        self._emit("rollback", "success", ref, version=previous, demoted=current)
+        return Outcome(ref, "rolled_back", version=previous)
+
+    def retire_due(self, ref: IntegrationRef, *, force: bool = False) -> int:
+        """Revoke and retire replaced keys whose grace has ended; returns how many."""
+        spath = self.state_path(ref)
+        ppath = self.partner_path(ref)
+        loaded = load_state(self._store, spath)
+        now = self._clock()
+        due = [r for r in loaded.state.retiring if force or r.retire_at <= now]
+        if not due:
+            return 0
+        info = self._describe(ppath)
+        done: list[RetiringKey] = []
+        for item in due:
+            if info is not None and info.stages.get(Stage.CURRENT) == item.version:
+                continue  # rolled back to it meanwhile
+            if self._settings.oem.revoke_supported and not self._revoke_quietly(ref, item.integration_id):
+                continue
+            if info is not None and info.stages.get(Stage.PREVIOUS) == item.version:
+                with contextlib.suppress(Conflict):
+                    self._store.move_stage(ppath, Stage.PREVIOUS, None, expected=item.version)
+            done.append(item)
+            self._step("retired", ref)
+            self._emit("key.retired", "success", ref, version=item.version, integration_id=item.integration_id)
+        if done:
+            versions = {d.version for d in done}
+            for _ in range(5):
+                state = loaded.state.model_copy(deep=True)
+                state.retiring = [r for r in state.retiring if r.version not in versions]
+                state.retired.extend(done)
+                try:
+                    save_state(self._store, spath, loaded, state)
+                    break
+                except Conflict:
+                    loaded = load_state(self._store, spath)
+        return len(done)
+
+    def known_integration_ids(self, ref: IntegrationRef) -> set[str]:
+        """Integration ids held in any readable partner-key version."""
+        ppath = self.partner_path(ref)
+        info = self._describe(ppath)
+        ids: set[str] = set()
+        if info is None:
+            return ids
+        for v in info.versions:
+            if v.deleted or v.destroyed:
+                continue
+            found = self._integration_id(ppath, v.version)
+            if found:
+                ids.add(found)
+        return ids
+
+    def sweep_orphans(self, ref: IntegrationRef) -> int:
+        """Find OEM integrations for ``ref`` that no stored key refers to; revoke when supported.
+
+        Runs under an intent of its own, so it never races a saga that has
+        created an integration but not stored its key yet.
+        """
+        try:
+            loaded, _ = self._acquire(ref, "sweep", 0)
+        except Conflict:
+            return 0
+        known = self.known_integration_ids(ref)
+        known.update(r.integration_id for r in loaded.state.retiring)
+        listed = self._oem.list_integrations(ref)
+        already = {o.integration_id for o in loaded.state.orphans}
+        found: list[Orphan] = []
+        for item in listed:
+            if item.vendor_id != ref.vendor_id or item.integration_id in known or item.integration_id in already:
+                continue
+            revoked = self._revoke_quietly(ref, item.integration_id)
+            found.append(Orphan(integration_id=item.integration_id, detected_at=self._clock(), revoked=revoked))
+            if self._metrics is not None:
+                self._metrics.orphans.labels(action="revoked" if revoked else "reported").inc()
+            self._emit("orphan.detected", "warning", ref, integration_id=item.integration_id, revoked=revoked)
+
+        def closed(state: IntegrationState) -> None:
+            state.orphans.extend(found)
+            state.orphan_check = False
+
+        self._close(ref, loaded, closed)
+        return len(found)
+
+    # -- reconcile -----------------------------------------------------------
+
+    def reconcile_one(self, desired: DesiredIntegration) -> Outcome:
+        """Bring one integration to its desired state (provision, rotate when old, retire, sweep)."""
+        ref = desired.ref
+        try:
+            info = self._describe(self.partner_path(ref))
+            current = info.stages.get(Stage.CURRENT) if info else None
+            loaded = load_state(self._store, self.state_path(ref))
+            if loaded.state.intent is not None and not self._stale(loaded.state.intent):
+                return Outcome(ref, "busy", message=f"{loaded.state.intent.op} by {loaded.state.intent.owner}")
+            if current is None or loaded.state.intent is not None:
+                outcome = self._run(ref, "provision" if current is None else "rotate", self._grace(desired))
+            else:
+                created = next((v.created_at for v in info.versions if v.version == current), None) if info else None
+                age = self._clock() - created.timestamp() if created else 0.0
+                if age >= self._max_age(desired):
+                    outcome = self._run(ref, "rotate", self._grace(desired))
+                else:
+                    outcome = Outcome(ref, "unchanged", version=current)
+                    if loaded.state.orphan_check:
+                        outcome = Outcome(ref, "unchanged", version=current, orphans=self.sweep_orphans(ref))
+            self.retire_due(ref)
+            return outcome
+        except Conflict as exc:
+            return Outcome(ref, "busy", code=exc.code, message=exc.message)
+        except BrokerError as exc:
+            log.warning("reconcile failed", ref=str(ref), code=exc.code)
+            return Outcome(ref, "failed", ok=False, code=exc.code, message=exc.message)
+
+    def reconcile_all(
+        self,
+        desired: Iterable[DesiredIntegration],
+        *,
+        progress: Callable[[Outcome], None] | None = None,
+        concurrency: int | None = None,
+    ) -> list[Outcome]:
+        """Reconcile many integrations on a bounded thread pool."""
+        items = list(desired)
+        workers = max(1, min(concurrency or self._settings.engine.concurrency, len(items) or 1))
+        results: list[Outcome] = []
+        lock = threading.Lock()
+
+        def one(item: DesiredIntegration) -> Outcome:
+            outcome = self.reconcile_one(item)
+            with lock:
+                results.append(outcome)
+            if progress is not None:
+                progress(outcome)
+            return outcome
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile") as pool:
+            list(pool.map(one, items))
+        return results
+
+    # -- status ----------------------------------------------------------------
+
+    def status(self, desired: DesiredIntegration) -> IntegrationStatus:
+        """Versions, ages, next rotation and state of one integration (no secrets)."""
+        ref = desired.ref
+        info = self._describe(self.partner_path(ref))
+        loaded = load_state(self._store, self.state_path(ref))
+        st = loaded.state
+        stages = dict(info.stages) if info else {}
+        current = stages.get(Stage.CURRENT)
+        created = None
+        if info is not None and current is not None:
+            created = next((v.created_at for v in info.versions if v.version == current), None)
+        now = self._clock()
+        age = now - created.timestamp() if created else None
+        next_rotation = created.timestamp() + self._max_age(desired) if created else None
+        if st.intent is not None:
+            state = f"{st.intent.op}-in-progress" + (" (stale)" if self._stale(st.intent) else "")
+        elif current is None:
+            state = "failed" if st.last_error else "missing"
+        elif st.last_error:
+            state = "degraded"
+        else:
+            state = "ok"
+        return IntegrationStatus(
+            ref=ref,
+            current_version=current,
+            pending_version=stages.get(Stage.PENDING),
+            previous_version=stages.get(Stage.PREVIOUS),
+            key_created_at=created,
+            key_age_seconds=age,
+            next_rotation_at=next_rotation,
+            state=state,
+            retiring=tuple(st.retiring),
+            orphans=tuple(st.orphans),
+            last_error=st.last_error,
+            versions=len(info.versions) if info else 0,
+            stage_map={k.value: v for k, v in stages.items()},
+        )
+
+
+def find_desired(items: Sequence[DesiredIntegration], ref: IntegrationRef) -> DesiredIntegration:
+    """The desired entry for ``ref``, or a bare one (ad-hoc CLI use)."""
+    for item in items:
+        if item.ref == ref:
+            return item
+    return DesiredIntegration(ref)

@@ -1,0 +1,294 @@
+"""The one orchestrator: authenticate -> decide -> read -> compose -> audit.
+
+Routes call ``BrokerService`` and nothing else. Policy is decided before any
+secret is read; an issued token is audited (fail closed: no audit, no token)
+before it is returned; every refusal is audited too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pydantic import SecretStr
+
+from broker.engine.core import Engine, IntegrationStatus, Outcome
+from broker.engine.desired import DesiredIntegration, DesiredState
+from broker.errors import (
+    AuthenticationFailed,
+    BrokerError,
+    IntegrationNotFound,
+    PolicyDenied,
+    SecretNotFound,
+    TtlUnsatisfiable,
+)
+from broker.log import get_logger
+from broker.metrics import Metrics
+from broker.models import Decision, IntegrationRef, Principal, Stage
+from broker.mspc_token import compose
+from broker.settings import Settings
+from broker.stores.caching import CachedRead, CachingStore
+
+log = get_logger("service")
+
+TOKEN_ISSUE = "token:issue"  # noqa: S105 - an action name
+INTEGRATION_READ = "integration:read"
+INTEGRATION_PROVISION = "integration:provision"
+INTEGRATION_ROTATE = "integration:rotate"
+INTEGRATION_REVOKE = "integration:revoke"
+AUDIT_READ = "audit:read"
+
+
+class AuthenticatorPort(Protocol):
+    def authenticate(self, bearer: str) -> Principal: ...
+
+
+class PolicyPort(Protocol):
+    def decide(self, principal: Principal, action: str, ref: IntegrationRef | None) -> Decision: ...
+
+
+class AuditPort(Protocol):
+    async def arecord(
+        self,
+        action: str,
+        outcome: str,
+        *,
+        principal: Principal | None = None,
+        ref: IntegrationRef | None = None,
+        rule_id: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        secrets: Mapping[str, SecretStr] | None = None,
+    ) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    """An MSPC_TOKEN and its lineage."""
+
+    token: SecretStr
+    expires_at: datetime
+    ttl_seconds: int
+    lease_id: str
+    partner_key_version: str
+    vendor_key_version: str
+    stale: bool
+    rule_id: str | None
+
+
+class BrokerService:
+    """Everything the HTTP API can ask for, each step policy-checked and audited."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        authenticator: AuthenticatorPort,
+        policy: PolicyPort,
+        cache: CachingStore,
+        audit: AuditPort,
+        engine: Engine,
+        desired: DesiredState,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+        trigger_reconcile: Callable[[], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._auth = authenticator
+        self._policy = policy
+        self._cache = cache
+        self._audit = audit
+        self._engine = engine
+        self.desired = desired
+        self._metrics = metrics
+        self._clock = clock
+        self._trigger = trigger_reconcile
+
+    # -- authentication and policy ---------------------------------------------
+
+    async def authenticate(self, bearer: str | None) -> Principal:
+        """Verify the caller; failures are audited and raise ``AuthenticationFailed``."""
+        try:
+            if not bearer:
+                raise AuthenticationFailed("missing bearer token (Authorization: Bearer <service-account token>)")
+            return self._auth.authenticate(bearer)
+        except AuthenticationFailed as exc:
+            await self._audit.arecord("auth.failed", "denied", details={"code": exc.code, "reason": exc.message})
+            raise
+
+    async def authorize(self, principal: Principal, action: str, ref: IntegrationRef | None) -> Decision:
+        """Decide, audit a denial, raise ``PolicyDenied``; return the allowing decision."""
+        decision = self._policy.decide(principal, action, ref)
+        if not decision.allowed:
+            await self._audit.arecord(
+                "policy.denied" if action != TOKEN_ISSUE else "token.denied",
+                "denied",
+                principal=principal,
+                ref=ref,
+                rule_id=decision.rule_id,
+                details={"action": action, "reason": decision.reason},
+            )
+            if action == TOKEN_ISSUE:
+                self._metrics.tokens_denied.labels(code=PolicyDenied.code).inc()
+            raise PolicyDenied(f"{principal.subject} may not {action} {ref or ''}: {decision.reason}".strip())
+        return decision
+
+    def check(self, principal: Principal, action: str, ref: IntegrationRef | None) -> Decision:
+        """Dry run: the decision, without side effects."""
+        return self._policy.decide(principal, action, ref)
+
+    # -- tokens --------------------------------------------------------------------
+
+    async def _read(self, path: str, stage: Stage | None) -> CachedRead:
+        hit = self._cache.peek(path, stage=stage)
+        if hit is not None:
+            return hit
+        return await asyncio.to_thread(self._cache.read_cached, path, stage=stage)
+
+    async def issue_token(self, principal: Principal, ref: IntegrationRef, min_ttl_seconds: int = 0) -> IssuedToken:
+        """Issue an MSPC_TOKEN for ``ref`` (policy first, audit before return)."""
+        decision = await self.authorize(principal, TOKEN_ISSUE, ref)
+        try:
+            partner = await self._read(self._engine.partner_path(ref), Stage.CURRENT)
+        except SecretNotFound:
+            await self._deny(principal, ref, decision, IntegrationNotFound.code, "no current partner key")
+            raise IntegrationNotFound(f"integration {ref} is not provisioned (no current partner key)") from None
+        vendor = await self._read(self._engine.vendor_path(ref.vendor_id), None)
+
+        now = self._clock()
+        ttl = self._settings.tokens.default_ttl_seconds
+        if decision.ttl_cap_seconds is not None:
+            ttl = min(ttl, decision.ttl_cap_seconds)
+        ttl = min(ttl, self._settings.tokens.max_ttl_seconds)
+        created = partner.value.created_at
+        if created is not None:
+            desired = self.desired.get(ref)
+            max_age = (desired.max_key_age_seconds if desired else None) or self._settings.engine.max_key_age_seconds
+            grace = (desired.grace_seconds if desired else None) or self._settings.engine.grace_seconds
+            retire_at = created.timestamp() + max_age + grace
+            ttl = min(ttl, int(retire_at - now))
+        if ttl < max(min_ttl_seconds, 1):
+            await self._deny(principal, ref, decision, TtlUnsatisfiable.code, f"ttl {ttl}s < min {min_ttl_seconds}s")
+            raise TtlUnsatisfiable(
+                f"cannot issue a token with at least {min_ttl_seconds}s left: policy, settings and the partner "
+                f"key's retirement allow {max(ttl, 0)}s"
+            )
+
+        token = compose(self._engine.vendor_secret(vendor.value), partner.value.field("partner_api_key"))
+        lease_id = uuid.uuid4().hex
+        stale = partner.stale or vendor.stale
+        expires_at = datetime.fromtimestamp(now + ttl, tz=UTC)
+        await self._audit.arecord(
+            "token.issued",
+            "success",
+            principal=principal,
+            ref=ref,
+            rule_id=decision.rule_id,
+            details={
+                "lease_id": lease_id,
+                "ttl_seconds": ttl,
+                "expires_at": expires_at.isoformat(),
+                "partner_key_version": partner.value.version,
+                "vendor_key_version": vendor.value.version,
+                "stale": stale,
+            },
+            secrets={"token": token},
+        )
+        self._metrics.tokens_issued.labels(stale=str(stale).lower()).inc()
+        return IssuedToken(
+            token=token,
+            expires_at=expires_at,
+            ttl_seconds=ttl,
+            lease_id=lease_id,
+            partner_key_version=partner.value.version,
+            vendor_key_version=vendor.value.version,
+            stale=stale,
+            rule_id=decision.rule_id,
+        )
+
+    async def _deny(self, principal: Principal, ref: IntegrationRef, decision: Decision, code: str, why: str) -> None:
+        self._metrics.tokens_denied.labels(code=code).inc()
+        await self._audit.arecord(
+            "token.denied",
+            "failure",
+            principal=principal,
+            ref=ref,
+            rule_id=decision.rule_id,
+            details={"code": code, "reason": why},
+        )
+
+    # -- admin ---------------------------------------------------------------------
+
+    def _desired_or_404(self, ref: IntegrationRef) -> DesiredIntegration:
+        desired = self.desired.get(ref)
+        if desired is None:
+            raise IntegrationNotFound(f"integration {ref} is not a desired integration")
+        return desired
+
+    async def list_integrations(self, principal: Principal) -> list[IntegrationStatus]:
+        """Status of every desired integration the caller may read."""
+        await self.authorize(principal, INTEGRATION_READ, None)
+        items = [d for d in self.desired if self._policy.decide(principal, INTEGRATION_READ, d.ref).allowed]
+        return await asyncio.to_thread(lambda: [self._engine.status(d) for d in items])
+
+    async def get_integration(self, principal: Principal, ref: IntegrationRef) -> IntegrationStatus:
+        await self.authorize(principal, INTEGRATION_READ, ref)
+        desired = self._desired_or_404(ref)
+        return await asyncio.to_thread(self._engine.status, desired)
+
+    async def add_integration(self, principal: Principal, item: DesiredIntegration) -> Outcome:
+        """Add a desired integration and provision it now."""
+        decision = await self.authorize(principal, INTEGRATION_PROVISION, item.ref)
+        new = self.desired.add(item)
+        await self._audit.arecord(
+            "admin.integration_added",
+            "success",
+            principal=principal,
+            ref=item.ref,
+            rule_id=decision.rule_id,
+            details={"new": new},
+        )
+        return await self._engine_call(principal, decision, "provision", self._engine.provision, item)
+
+    async def rotate(self, principal: Principal, ref: IntegrationRef) -> Outcome:
+        decision = await self.authorize(principal, INTEGRATION_ROTATE, ref)
+        return await self._engine_call(principal, decision, "rotate", self._engine.rotate, self._desired_or_404(ref))
+
+    async def rollback(self, principal: Principal, ref: IntegrationRef) -> Outcome:
+        decision = await self.authorize(principal, INTEGRATION_ROTATE, ref)
+        self._desired_or_404(ref)
+        return await self._engine_call(principal, decision, "rollback", self._engine.rollback, ref)
+
+    async def revoke(self, principal: Principal, ref: IntegrationRef) -> Outcome:
+        decision = await self.authorize(principal, INTEGRATION_REVOKE, ref)
+        return await self._engine_call(principal, decision, "revoke", self._engine.revoke, self._desired_or_404(ref))
+
+    async def _engine_call(
+        self, principal: Principal, decision: Decision, name: str, func: Callable[[Any], Outcome], arg: Any
+    ) -> Outcome:
+        ref = arg if isinstance(arg, IntegrationRef) else arg.ref
+        try:
+            outcome = await asyncio.to_thread(func, arg)
+        except BrokerError as exc:
+            await self._audit.arecord(
+                f"admin.{name}",
+                "failure",
+                principal=principal,
+                ref=ref,
+                rule_id=decision.rule_id,
+                details={"code": exc.code},
+            )
+            raise
+        await self._audit.arecord(
+            f"admin.{name}",
+            "success" if outcome.ok else "failure",
+            principal=principal,
+            ref=ref,
+            rule_id=decision.rule_id,
+            details={"result": outcome.action, "version": outcome.version, "code": outcome.code},
+        )
+        return outcome
