@@ -222,6 +222,14 @@ class EngineSettings(_Group):
 
     desired_file: Path | None = Field(None, description="YAML file of desired integrations.")
     reconcile_interval_seconds: float = Field(60.0, gt=0, description="Reconcile loop period, in seconds.")
+    allow_ephemeral_key: bool = Field(
+        False,
+        description="Dev only: without hmac_key, use a random per-process key (HMACs cannot be looked up later).",
+    )
+    fsync: bool = Field(True, description="fsync the audit file before acknowledging each batch of records.")
+    queue_max_records: int = Field(
+        10000, ge=1, description="Records waiting for the writer at most; past this, writes fail at once."
+    )
     reconcile_jitter_ratio: float = Field(
         0.1, ge=0, le=1, description="Random jitter added to each period, as a fraction."
     )

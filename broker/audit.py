@@ -1,1 +1,0 @@
-"""Hash-chained, HMAC-ed audit trail (see issue: audit trail)."""

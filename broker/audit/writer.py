@@ -1,0 +1,689 @@
+"""``AuditLog``: the bounded, fail-closed writer of the audit chain.
+
+One daemon thread owns every byte of I/O (files and stdout). Callers put a
+request on a bounded queue and wait at most ``write_timeout_ms`` for it to be
+written (and fsynced); otherwise they get ``AuditUnavailable`` and must not
+carry out the audited act. The writer commits requests in batches (one
+write and one fsync per batch) and only then acknowledges them.
+
+Consistency rules:
+
+- A request whose caller gave up before the writer took it is dropped and
+  never enters the chain.
+- A failed write leaves nothing behind: the file is cut back to the last
+  acknowledged byte (immediately, or when it is reopened), so a torn line
+  can only be one nobody was told succeeded. The chain head in memory is
+  rolled back with it.
+- After trouble, the first successful write is preceded by an
+  ``audit.recovered`` record saying what happened: failed attempts, dropped
+  requests, bytes cut, and ``unacknowledged_seqs`` (records that did reach
+  the file but whose caller had already been told the audit was unavailable).
+- On start the chain continues from the last line of the file (or of the
+  newest rotated file); only the tail is read. A torn last fragment is cut
+  (and reported in ``audit.recovered``); an unreadable last complete line
+  makes every write fail until somebody looks (``broker audit verify``).
+- Past ``max_file_bytes`` the file is renamed to ``<name>.<last seq, 12
+  digits>`` and a new one started; the chain runs on across files.
+- Non-regular files (a FIFO, a character device) and stdout are written
+  but never read: such a chain starts at the genesis record on each start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import queue
+import stat
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from broker.audit.records import (
+    GENESIS_HASH,
+    AuditAction,
+    AuditEvent,
+    AuditKey,
+    AuditOutcome,
+    SecretValue,
+    checkpoint_body,
+    format_ts,
+    seal,
+)
+from broker.errors import AuditUnavailable, ConfigError
+from broker.log import get_logger
+from broker.metrics import Metrics
+from broker.models import IntegrationRef, Principal
+from broker.settings import AuditSettings
+
+_TAIL_CHUNK_BYTES = 64 * 1024
+_MAX_BATCH = 512
+_MAX_LISTED_SEQS = 100
+
+_QUEUED, _WRITING, _ABANDONED, _ABANDONED_WRITING, _DONE = range(5)
+
+_log = get_logger("audit")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditReceipt:
+    """Where a record landed in the chain."""
+
+    seq: int
+    hash: str
+    ts: str
+
+
+class _Request:
+    __slots__ = ("body", "callback", "error", "event", "kind", "lock", "receipt", "state")
+
+    def __init__(self, kind: str, body: dict[str, Any] | None = None) -> None:
+        self.kind = kind
+        self.body = body
+        self.lock = threading.Lock()
+        self.state = _QUEUED
+        self.event = threading.Event()
+        self.receipt: AuditReceipt | None = None
+        self.error: AuditUnavailable | None = None
+        self.callback: Callable[[], None] | None = None
+
+    def abandon(self) -> bool:
+        """Mark that the caller stopped waiting; False if the outcome is already known."""
+        with self.lock:
+            if self.state == _QUEUED:
+                self.state = _ABANDONED
+            elif self.state == _WRITING:
+                self.state = _ABANDONED_WRITING
+            else:
+                return False
+            return True
+
+    def outcome(self) -> AuditReceipt:
+        if self.error is not None:
+            raise self.error
+        assert self.receipt is not None
+        return self.receipt
+
+
+class _Notes:
+    """What went wrong since the last good write; becomes one ``audit.recovered`` record."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.failures = 0
+        self.dropped = 0
+        self.truncated_bytes = 0
+        self.unacknowledged: list[int] = []
+        self.unacknowledged_count = 0
+        self.file_replaced = False
+        self.since: str | None = None
+        self.last_reason: str | None = None
+
+    @property
+    def pending(self) -> bool:
+        return bool(
+            self.failures or self.dropped or self.truncated_bytes or self.unacknowledged_count or self.file_replaced
+        )
+
+    def failed(self, reason: str, ts: str) -> None:
+        self.failures += 1
+        self.last_reason = reason
+        self.since = self.since or ts
+
+    def unacknowledge(self, seq: int) -> None:
+        self.unacknowledged_count += 1
+        if len(self.unacknowledged) < _MAX_LISTED_SEQS:
+            self.unacknowledged.append(seq)
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "failures": self.failures,
+            "dropped_records": self.dropped,
+            "truncated_bytes": self.truncated_bytes,
+            "unacknowledged_seqs": list(self.unacknowledged),
+            "unacknowledged_count": self.unacknowledged_count,
+            "file_replaced": self.file_replaced,
+            "since": self.since,
+            "last_failure": self.last_reason,
+        }
+
+
+class TailCorrupt(Exception):
+    """The last complete line of an audit file is not a record this log can continue from."""
+
+
+def _errname(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+    return type(exc).__name__
+
+
+def read_tail(fd: int, size: int) -> tuple[dict[str, Any] | None, int]:
+    """Return (the last complete record, the offset just past it) by reading backwards.
+
+    Bytes after that offset are a torn fragment. Raises ``TailCorrupt`` if the
+    last complete line is not a JSON record with ``seq`` and ``hash``.
+    """
+    end = size
+    buf = b""
+    newline = -1
+    while end > 0 and newline < 0:
+        start = max(0, end - _TAIL_CHUNK_BYTES)
+        buf = os.pread(fd, end - start, start) + buf
+        end = start
+        newline = buf.rfind(b"\n")
+    if newline < 0:
+        return None, 0
+    complete_end = end + newline + 1
+    begin = buf.rfind(b"\n", 0, newline)
+    while begin < 0 and end > 0:
+        start = max(0, end - _TAIL_CHUNK_BYTES)
+        chunk = os.pread(fd, end - start, start)
+        buf = chunk + buf
+        newline += len(chunk)
+        end = start
+        begin = buf.rfind(b"\n", 0, newline)
+    line = buf[begin + 1 : newline]
+    try:
+        record = json.loads(line)
+    except ValueError:
+        raise TailCorrupt("the last line of the audit file is not JSON") from None
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("seq"), int)
+        and not isinstance(record.get("seq"), bool)
+        and isinstance(record.get("hash"), str)
+    ):
+        raise TailCorrupt("the last line of the audit file is not an audit record")
+    return record, complete_end
+
+
+def rotated_siblings(path: Path) -> list[Path]:
+    """Rotated files of ``path`` (``<name>.<digits>``), oldest first."""
+    prefix = path.name + "."
+    found = [p for p in path.parent.glob(prefix + "*") if p.name[len(prefix) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(prefix) :]))
+
+
+class AuditLog:
+    """Append-only, hash-chained audit trail with a bounded write path.
+
+    ``record`` / ``emit`` return an ``AuditReceipt`` once the record is durably
+    written to every sink, or raise ``AuditUnavailable`` within
+    ``write_timeout_ms``. ``arecord`` / ``aemit`` are the same for async callers
+    (no thread is held while waiting). Use as a context manager, or call
+    ``start`` and ``close``.
+    """
+
+    def __init__(
+        self,
+        settings: AuditSettings,
+        *,
+        metrics: Metrics | None = None,
+        key: AuditKey | None = None,
+        stdout: BinaryIO | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        if settings.file_path is None and not settings.stdout:
+            raise ConfigError("the audit trail needs a sink: set BROKER_AUDIT__FILE_PATH and/or BROKER_AUDIT__STDOUT")
+        self._settings = settings
+        self._key = key if key is not None else AuditKey.from_settings(settings)
+        self._metrics = metrics or Metrics()
+        self._path = settings.file_path
+        self._stdout: BinaryIO | None = (stdout or sys.stdout.buffer) if settings.stdout else None
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._timeout_seconds = settings.write_timeout_ms / 1000
+        self._queue: queue.Queue[_Request] = queue.Queue(maxsize=settings.queue_max_records)
+        self._thread: threading.Thread | None = None
+        self._lifecycle = threading.Lock()
+        self._closed = False
+        # Writer-thread state below: touched only by the writer thread.
+        self._fd: int | None = None
+        self._regular = False
+        self._size = 0
+        self._good: tuple[tuple[int, int], int] | None = None  # ((dev, inode), last acknowledged offset)
+        self._next_seq: int | None = None
+        self._prev = GENESIS_HASH
+        self._file_last_seq = -1
+        self._since_checkpoint = 0
+        self._notes = _Notes()
+        self._healthy = True
+
+    # -- public API ---------------------------------------------------------------
+
+    @property
+    def key(self) -> AuditKey:
+        """The audit key (for ``hmac_hex`` lookups and verification)."""
+        return self._key
+
+    @property
+    def healthy(self) -> bool:
+        """False after a failed write until the next good one (for readiness)."""
+        return self._healthy
+
+    def hmac_hex(self, value: SecretValue) -> str:
+        """The ``<name>_hmac`` value a secret gets in records."""
+        return self._key.hmac_hex(value)
+
+    def start(self) -> AuditLog:
+        """Start the writer thread (``record`` also starts it on first use)."""
+        with self._lifecycle:
+            if self._closed:
+                raise AuditUnavailable("the audit log is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+                self._thread.start()
+        return self
+
+    def record(
+        self,
+        action: AuditAction | str,
+        outcome: AuditOutcome | str,
+        *,
+        principal: Principal | None = None,
+        ref: IntegrationRef | None = None,
+        rule_id: str | None = None,
+        reason: str | None = None,
+        request_id: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        secrets: Mapping[str, SecretValue] | None = None,
+    ) -> AuditReceipt:
+        """Write one record; raise ``AuditUnavailable`` if it is not durable within the bound."""
+        return self.emit(
+            AuditEvent(
+                AuditAction(action),
+                AuditOutcome(outcome),
+                principal=principal,
+                ref=ref,
+                rule_id=rule_id,
+                reason=reason,
+                request_id=request_id,
+                details=details or {},
+                secrets=secrets or {},
+            )
+        )
+
+    async def arecord(
+        self,
+        action: AuditAction | str,
+        outcome: AuditOutcome | str,
+        *,
+        principal: Principal | None = None,
+        ref: IntegrationRef | None = None,
+        rule_id: str | None = None,
+        reason: str | None = None,
+        request_id: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        secrets: Mapping[str, SecretValue] | None = None,
+    ) -> AuditReceipt:
+        """``record`` for async callers, with the same bound; the event loop is never blocked."""
+        return await self.aemit(
+            AuditEvent(
+                AuditAction(action),
+                AuditOutcome(outcome),
+                principal=principal,
+                ref=ref,
+                rule_id=rule_id,
+                reason=reason,
+                request_id=request_id,
+                details=details or {},
+                secrets=secrets or {},
+            )
+        )
+
+    def emit(self, event: AuditEvent) -> AuditReceipt:
+        """Write a prepared ``AuditEvent`` (see ``AuditEvent.token_issued``)."""
+        request = self._request_for(event)
+        self._enqueue(request)
+        if not request.event.wait(self._timeout_seconds) and request.abandon():
+            raise self._timed_out()
+        return request.outcome()
+
+    async def aemit(self, event: AuditEvent) -> AuditReceipt:
+        """``emit`` for async callers."""
+        request = self._request_for(event)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def resolve() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(resolve)
+
+        request.callback = wake
+        self._enqueue(request)
+        try:
+            await asyncio.wait_for(asyncio.shield(done), self._timeout_seconds)
+        except TimeoutError:
+            if request.abandon():
+                raise self._timed_out() from None
+        except asyncio.CancelledError:
+            request.abandon()  # the caller is gone, so nothing will be issued
+            raise
+        return request.outcome()
+
+    def checkpoint(self) -> AuditReceipt:
+        """Write a signed checkpoint now."""
+        request = _Request("checkpoint")
+        self._enqueue(request)
+        if not request.event.wait(self._timeout_seconds) and request.abandon():
+            raise self._timed_out()
+        return request.outcome()
+
+    def close(self, timeout_seconds: float = 5.0) -> None:
+        """Write a final checkpoint (if anything was written since the last) and stop the writer."""
+        with self._lifecycle:
+            thread, self._closed = self._thread, True
+        if thread is None:
+            return
+        final = _Request("final")
+        stop = _Request("stop")
+        try:
+            self._queue.put(final, timeout=timeout_seconds)
+            self._queue.put(stop, timeout=timeout_seconds)
+        except queue.Full:
+            _log.warning("audit_close_queue_full")
+        if not final.event.wait(timeout_seconds):
+            final.abandon()
+            _log.warning("audit_close_timeout", timeout_seconds=timeout_seconds)
+        thread.join(timeout_seconds)
+
+    def __enter__(self) -> AuditLog:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- caller side --------------------------------------------------------------
+
+    def _request_for(self, event: AuditEvent) -> _Request:
+        if event.action in (AuditAction.AUDIT_CHECKPOINT, AuditAction.AUDIT_RECOVERED):
+            raise ValueError(f"{event.action} records are written by the audit log itself")
+        return _Request("record", event.body(self._key))
+
+    def _enqueue(self, request: _Request) -> None:
+        if self._thread is None:
+            self.start()
+        elif self._closed:
+            raise AuditUnavailable("the audit log is closed")
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            self._metrics.audit_failures.labels(reason="queue_full").inc()
+            raise AuditUnavailable("audit queue is full; nothing was issued", retry_after_seconds=1.0) from None
+
+    def _timed_out(self) -> AuditUnavailable:
+        self._metrics.audit_failures.labels(reason="timeout").inc()
+        return AuditUnavailable(
+            f"audit sink did not confirm the write within {self._settings.write_timeout_ms} ms; nothing was issued",
+            retry_after_seconds=1.0,
+        )
+
+    # -- writer thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < _MAX_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            live = [r for r in batch if r.kind != "stop"]
+            try:
+                self._write_batch(live)
+            except Exception as exc:  # noqa: BLE001 - the writer must survive its own bugs
+                _log.error("audit_writer_bug", error=type(exc).__name__)
+                self._fail(live, "internal", exc)
+            if len(live) < len(batch):
+                self._close_file()
+                return
+
+    def _now(self) -> str:
+        return format_ts(self._clock())
+
+    def _write_batch(self, requests: list[_Request]) -> None:
+        if not requests and not self._notes.pending:
+            return
+        try:
+            self._ensure_open()
+        except TailCorrupt as exc:
+            self._fail(requests, "corrupt", exc, f"{exc}; run `broker audit verify`")
+            return
+        except OSError as exc:
+            self._fail(requests, "open", exc)
+            return
+        claimed: list[_Request] = []
+        for request in requests:
+            with request.lock:
+                if request.state == _ABANDONED:
+                    self._notes.dropped += 1
+                    continue
+                request.state = _WRITING
+            claimed.append(request)
+        if not claimed and not self._notes.pending:
+            return
+
+        assert self._next_seq is not None
+        saved = (self._next_seq, self._prev, self._since_checkpoint)
+        lines: list[bytes] = []
+        receipts: list[tuple[_Request, AuditReceipt | None]] = []
+        if self._notes.pending:
+            lines.append(self._seal_next(self._recovered_body())[0])
+        for request in claimed:
+            if request.kind == "record":
+                assert request.body is not None
+                line, receipt = self._seal_next(request.body)
+                lines.append(line)
+                self._since_checkpoint += 1
+                if self._since_checkpoint >= self._settings.checkpoint_every_records:
+                    lines.append(self._seal_checkpoint()[0])
+            elif request.kind == "checkpoint" or self._since_checkpoint > 0:
+                line, receipt = self._seal_checkpoint()
+                lines.append(line)
+            else:  # "final" with nothing new since the last checkpoint
+                receipt = None
+            receipts.append((request, receipt))
+        data = b"".join(lines)
+
+        try:
+            self._write_file(data)
+        except OSError as exc:
+            self._next_seq, self._prev, self._since_checkpoint = saved
+            self._fail(claimed, "write", exc)
+            return
+        if self._path is not None:
+            self._metrics.audit_records.labels(sink="file").inc(len(lines))
+        self._file_last_seq = self._next_seq - 1
+        self._notes.clear()
+
+        error: AuditUnavailable | None = None
+        if self._stdout is not None:
+            try:
+                self._stdout.write(data)
+                self._stdout.flush()
+                self._metrics.audit_records.labels(sink="stdout").inc(len(lines))
+            except (OSError, ValueError) as exc:
+                self._metrics.audit_failures.labels(reason="stdout").inc()
+                self._notes.failed(f"stdout: {_errname(exc)}", self._now())
+                error = AuditUnavailable(f"audit stdout sink failed ({_errname(exc)})", retry_after_seconds=1.0)
+        self._healthy = error is None
+        for request, receipt in receipts:
+            with request.lock:
+                late = request.state == _ABANDONED_WRITING
+                request.state = _DONE
+                request.error = error
+                request.receipt = receipt or AuditReceipt(self._next_seq - 1, self._prev, "")
+            if (late or error is not None) and receipt is not None:
+                self._notes.unacknowledge(receipt.seq)
+            self._wake(request)
+        if self._notes.pending and error is None:
+            self._write_batch([])
+
+    def _seal_next(self, body: Mapping[str, Any]) -> tuple[bytes, AuditReceipt]:
+        assert self._next_seq is not None
+        ts = self._now()
+        line, digest = seal(body, seq=self._next_seq, ts=ts, prev=self._prev)
+        receipt = AuditReceipt(self._next_seq, digest, ts)
+        self._next_seq += 1
+        self._prev = digest
+        return line, receipt
+
+    def _seal_checkpoint(self) -> tuple[bytes, AuditReceipt]:
+        assert self._next_seq is not None
+        body = checkpoint_body(self._key, seq=self._next_seq, ts=self._now(), prev=self._prev)
+        self._since_checkpoint = 0
+        return self._seal_next_with_ts(body)
+
+    def _seal_next_with_ts(self, body: dict[str, Any]) -> tuple[bytes, AuditReceipt]:
+        line, digest = seal(body, seq=body["seq"], ts=body["ts"], prev=body["prev"])
+        receipt = AuditReceipt(body["seq"], digest, body["ts"])
+        self._next_seq = body["seq"] + 1
+        self._prev = digest
+        return line, receipt
+
+    def _recovered_body(self) -> dict[str, Any]:
+        return AuditEvent(AuditAction.AUDIT_RECOVERED, AuditOutcome.SUCCESS, details=self._notes.details()).body(
+            self._key
+        )
+
+    def _wake(self, request: _Request) -> None:
+        request.event.set()
+        if request.callback is not None:
+            with contextlib.suppress(RuntimeError):  # the caller's event loop is gone
+                request.callback()
+
+    def _fail(self, requests: list[_Request], reason: str, exc: BaseException, message: str | None = None) -> None:
+        self._healthy = False
+        self._metrics.audit_failures.labels(reason=reason).inc()
+        self._notes.failed(f"{reason}: {_errname(exc)}", self._now())
+        _log.warning("audit_write_failed", reason=reason, error=_errname(exc))
+        self._close_file()
+        error = AuditUnavailable(
+            message or f"audit sink unavailable ({reason}: {_errname(exc)})", retry_after_seconds=1.0
+        )
+        for request in requests:
+            with request.lock:
+                request.state = _DONE
+                request.error = error
+            self._wake(request)
+
+    # -- file sink ----------------------------------------------------------------
+
+    def _ensure_open(self) -> None:
+        if self._path is not None and self._fd is None:
+            self._open_file(self._path)
+        if self._next_seq is None:
+            self._next_seq, self._prev = 0, GENESIS_HASH
+
+    def _open_file(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            # A FIFO or device: opening blocks until a reader appears (the caller's bound holds).
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            self._regular = False
+            return
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self._adopt(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._regular = True
+
+    def _adopt(self, fd: int, path: Path) -> None:
+        st = os.fstat(fd)
+        identity = (st.st_dev, st.st_ino)
+        size = st.st_size
+        if self._good is not None and self._good[0] == identity and size > self._good[1]:
+            # Everything past the last acknowledged byte is ours and was never acknowledged.
+            os.ftruncate(fd, self._good[1])
+            self._notes.truncated_bytes += size - self._good[1]
+            size = self._good[1]
+        last, end = read_tail(fd, size)
+        if end < size:
+            os.ftruncate(fd, end)
+            self._notes.truncated_bytes += size - end
+            size = end
+        if last is None and self._next_seq is None:
+            for sibling in reversed(rotated_siblings(path)):
+                sfd = os.open(sibling, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    last, _ = read_tail(sfd, os.fstat(sfd).st_size)
+                finally:
+                    os.close(sfd)
+                if last is not None:
+                    break
+        if last is not None:
+            if self._next_seq is None:
+                self._next_seq, self._prev = last["seq"] + 1, last["hash"]
+                self._file_last_seq = last["seq"]
+            elif last["hash"] != self._prev and size > 0:
+                self._notes.file_replaced = True
+        elif self._next_seq is not None and self._good is not None and self._good[0] != identity:
+            self._notes.file_replaced = True
+        self._size = size
+        self._good = (identity, size)
+
+    def _write_file(self, data: bytes) -> None:
+        if self._fd is None:
+            return
+        if self._regular and self._size > 0 and self._size + len(data) > self._settings.max_file_bytes:
+            self._rotate()
+        fd = self._fd
+        assert fd is not None
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if self._regular and self._settings.fsync:
+                os.fsync(fd)
+        except OSError:
+            if self._regular:
+                with contextlib.suppress(OSError):  # else cut back on reopen (see _adopt)
+                    os.ftruncate(fd, self._size)
+            raise
+        self._size += len(data)
+        if self._good is not None:
+            self._good = (self._good[0], self._size)
+
+    def _rotate(self) -> None:
+        assert self._path is not None and self._fd is not None
+        path = self._path
+        target = path.with_name(f"{path.name}.{self._file_last_seq:012d}")
+        if target.exists():
+            raise FileExistsError(errno.EEXIST, "rotation target exists")
+        os.fsync(self._fd)
+        os.rename(path, target)
+        self._close_file()
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        st = os.fstat(fd)
+        self._fd, self._regular, self._size = fd, True, 0
+        self._good = ((st.st_dev, st.st_ino), 0)
+
+    def _close_file(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
