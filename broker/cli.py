@@ -9,13 +9,17 @@ secret, ever reaches the terminal.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import click
 
 from broker import __version__
+from broker.client import DEFAULT_SA_TOKEN_FILE, BrokerClient, BrokerClientError, write_token_files
 from broker.errors import BrokerError, ConfigError
 from broker.settings import Settings, load_settings
 
@@ -96,6 +100,69 @@ def simulator_cmd(host: str, port: int, seed_path: str | None, state_path: str |
     from broker.simulator.server import serve_from_options
 
     serve_from_options(host=host, port=port, seed_path=seed_path, state_path=state_path, announce=click.echo, **options)
+
+
+@cli.command("token")
+@click.option("--org", "organization_id", required=True, help="MSPC organizationId.")
+@click.option("--vendor", "vendor_id", required=True, help="MSPC vendorId.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Token file (0600, atomic).")
+@click.option("--watch", is_flag=True, help="Keep running; refresh at about 2/3 of the TTL (sidecar mode).")
+@click.option("--broker-url", envvar="BROKER_URL", default="http://127.0.0.1:8080", show_default=True)
+@click.option(
+    "--sa-token-file",
+    envvar="BROKER_SA_TOKEN_FILE",
+    type=click.Path(path_type=Path),
+    default=str(DEFAULT_SA_TOKEN_FILE),
+    show_default=True,
+    help="Projected service-account token (audience: the broker's).",
+)
+@click.option("--min-ttl-seconds", type=click.IntRange(0, 86400), default=0, help="Refuse shorter tokens.")
+@click.option("--deadline-seconds", type=click.FloatRange(1, 3600), default=60.0, show_default=True)
+def token_cmd(
+    organization_id: str,
+    vendor_id: str,
+    out: Path,
+    watch: bool,
+    broker_url: str,
+    sa_token_file: Path,
+    min_ttl_seconds: int,
+    deadline_seconds: float,
+) -> None:
+    """Fetch an MSPC_TOKEN into a file (init container), or keep it fresh (--watch)."""
+    client = BrokerClient(
+        broker_url,
+        organization_id=organization_id,
+        vendor_id=vendor_id,
+        sa_token_file=sa_token_file,
+        min_ttl_seconds=min_ttl_seconds,
+        deadline_seconds=deadline_seconds,
+    )
+    stop = threading.Event()
+    if watch:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    while True:
+        try:
+            issued = client.token(force=True)
+        except BrokerClientError as exc:
+            if not watch:
+                fail(f"error {exc.code}: {exc.message}", 1)
+            click.echo(f"error {exc.code}: {exc.message} (retrying)", err=True)
+            if stop.wait(min(30.0, deadline_seconds)):
+                return
+            continue
+        write_token_files(issued, out)
+        click.echo(
+            f"wrote {out} (lease {issued.lease_id}, ttl {issued.ttl_seconds}s, "
+            f"expires {issued.expires_at.isoformat()}, "
+            f"partner key v{issued.partner_key_version}, vendor key v{issued.vendor_key_version}"
+            + (", STALE" if issued.stale else "")
+            + ")"
+        )
+        if not watch:
+            return
+        if stop.wait(max(1.0, issued.ttl_seconds * 2 / 3)):
+            return
 
 
 def main() -> None:

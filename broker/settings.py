@@ -93,15 +93,35 @@ class VaultSettings(_Group):
     role_id: str | None = Field(None, description="AppRole role_id (auth_method=approle).")
     secret_id: SecretStr | None = Field(None, description="AppRole secret_id (auth_method=approle).")
     secret_id_file: Path | None = Field(None, description="File holding the AppRole secret_id.")
-    kubernetes_mount: str = Field("kubernetes", description="Mount path of the Kubernetes (or jwt) auth method.")
+    kubernetes_mount: str = Field(
+        "kubernetes",
+        description=(
+            "Mount path of the auth method used for auth_method=kubernetes: a 'kubernetes' auth method or a 'jwt' "
+            "auth method that trusts the cluster's service-account issuer; both log in with role + jwt at "
+            "auth/<mount>/login."
+        ),
+    )
     kubernetes_role: str | None = Field(None, description="Vault role for Kubernetes auth.")
     kubernetes_jwt_path: Path = Field(
         Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
         description="Projected service-account token read at each Kubernetes login.",
     )
+    stage_record_prefix: str = Field(
+        "_broker/stages",
+        description=(
+            "KV path prefix (under kv_mount) of the broker's stage records: KV v2 has no labels, so the "
+            "current/pending/previous pointers of <path> live in the CAS-protected secret <prefix>/<path>. "
+            "The broker's policy needs read/create/update there as well."
+        ),
+    )
     timeout_seconds: float = Field(5.0, gt=0, description="Timeout of each HTTP call to Vault, in seconds.")
     token_renew_before_seconds: float = Field(
-        60.0, ge=0, description="Renew (or log in again) this many seconds before the Vault token expires."
+        60.0,
+        ge=0,
+        description=(
+            "Renew (or log in again) this many seconds before the Vault token expires, in seconds; capped at "
+            "half the token's TTL so short-lived tokens are not renewed in a tight loop."
+        ),
     )
 
 
@@ -202,6 +222,14 @@ class AuditSettings(_Group):
         64 * 1024 * 1024, ge=4096, description="Rotate the audit file past this size, in bytes."
     )
     checkpoint_every_records: int = Field(1000, ge=1, description="Write a checkpoint record every N records.")
+    allow_ephemeral_key: bool = Field(
+        False,
+        description="Dev only: without hmac_key, use a random per-process key (HMACs cannot be looked up later).",
+    )
+    fsync: bool = Field(True, description="fsync the audit file before acknowledging each batch of records.")
+    queue_max_records: int = Field(
+        10000, ge=1, description="Records waiting for the writer at most; past this, writes fail at once."
+    )
 
 
 class TokenSettings(_Group):
@@ -222,14 +250,6 @@ class EngineSettings(_Group):
 
     desired_file: Path | None = Field(None, description="YAML file of desired integrations.")
     reconcile_interval_seconds: float = Field(60.0, gt=0, description="Reconcile loop period, in seconds.")
-    allow_ephemeral_key: bool = Field(
-        False,
-        description="Dev only: without hmac_key, use a random per-process key (HMACs cannot be looked up later).",
-    )
-    fsync: bool = Field(True, description="fsync the audit file before acknowledging each batch of records.")
-    queue_max_records: int = Field(
-        10000, ge=1, description="Records waiting for the writer at most; past this, writes fail at once."
-    )
     reconcile_jitter_ratio: float = Field(
         0.1, ge=0, le=1, description="Random jitter added to each period, as a fraction."
     )
@@ -244,6 +264,17 @@ class EngineSettings(_Group):
     )
     concurrency: int = Field(16, ge=1, le=256, description="Integrations provisioned in parallel.")
     vendor_key_poll_seconds: float = Field(30.0, gt=0, description="Check vendor keys for new versions this often.")
+    state_path_template: str = Field(
+        "mspc/broker-state/{organization_id}/{vendor_id}",
+        description="Path / secret name of each integration's state record (intents, retiring keys, orphans).",
+    )
+    leader_path: str = Field(
+        "mspc/broker-state/_leader", description="Path / secret name of the store-based leader lease."
+    )
+    leader_lease_seconds: float = Field(30.0, gt=0, description="Leader lease duration, in seconds.")
+    leader_renew_seconds: float = Field(
+        10.0, gt=0, description="Renew the leader lease this often (AWS: keep >= 900 to stay under ~100 versions/day)."
+    )
 
 
 class ServerSettings(_Group):
