@@ -165,6 +165,63 @@ def token_cmd(
             return
 
 
+@cli.group("policy")
+def policy_cmd() -> None:
+    """Test policy files and explain decisions."""
+
+
+@policy_cmd.command("test")
+@click.argument("directory", required=False, type=click.Path(file_okay=False))
+@click.pass_context
+@handle_errors
+def policy_test_cmd(ctx: click.Context, directory: str | None) -> None:
+    """Run the examples of every policy file in DIRECTORY (default: settings); exit 1 if any fails."""
+    from pathlib import Path
+
+    from broker.policy.examples import make_console, render_results, run_examples
+    from broker.policy.loader import load_policy_dir
+
+    results = run_examples(load_policy_dir(Path(directory) if directory else settings_from(ctx).policy.dir))
+    render_results(results, make_console())
+    if not all(r.passed for r in results):
+        sys.exit(1)
+
+
+@policy_cmd.command("check")
+@click.option("--subject", required=True, help="Caller as namespace/service-account.")
+@click.option("--org", "organization", default=None, help="Organization id (give with --vendor).")
+@click.option("--vendor", default=None, help="Vendor id (give with --org).")
+@click.option("--action", required=True, help="Action, e.g. token:issue.")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default=None, help="Policy directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON.")
+@click.pass_context
+@handle_errors
+def policy_check_cmd(
+    ctx: click.Context,
+    subject: str,
+    organization: str | None,
+    vendor: str | None,
+    action: str,
+    directory: str | None,
+    as_json: bool,
+) -> None:
+    """Print the decision for one request and the rule that took it; exit 0 if allowed, 1 if denied."""
+    import json
+    from pathlib import Path
+
+    from broker.policy.examples import decision_dict, explain, make_console, render_decision
+    from broker.policy.loader import load_policy_dir
+
+    policy_set = load_policy_dir(Path(directory) if directory else settings_from(ctx).policy.dir)
+    decision, source = explain(policy_set, subject=subject, action=action, organization=organization, vendor=vendor)
+    if as_json:
+        click.echo(json.dumps(decision_dict(decision, source)))
+    else:
+        render_decision(decision, source, make_console())
+    if not decision.allowed:
+        sys.exit(1)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="broker")
