@@ -222,6 +222,120 @@ def policy_check_cmd(
         sys.exit(1)
 
 
+@cli.group("audit")
+def audit_cmd() -> None:
+    """Verify, search and look up the hash-chained audit trail."""
+
+
+def _audit_key(ctx: click.Context, key_file: Path | None, *, required: bool) -> Any:
+    from broker.audit import AuditKey
+
+    key = AuditKey.from_file(key_file) if key_file else AuditKey.from_settings_optional(settings_from(ctx).audit)
+    if key is None and required:
+        raise ConfigError("no audit key: pass --key-file or set BROKER_AUDIT__HMAC_KEY_FILE")
+    return key
+
+
+def _audit_paths(ctx: click.Context, paths: tuple[Path, ...]) -> list[Path]:
+    from broker.audit import default_paths
+
+    if paths:
+        return list(paths)
+    file_path = settings_from(ctx).audit.file_path
+    if file_path is None:
+        raise ConfigError("no audit file configured (BROKER_AUDIT__FILE_PATH): pass PATH")
+    return default_paths(file_path)
+
+
+def _when(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+    from broker.audit import parse_when
+
+    try:
+        return parse_when(value) if value else None
+    except ValueError:
+        raise click.BadParameter("use ISO 8601, e.g. 2026-01-31 or 2026-01-31T12:00:00Z") from None
+
+
+_audit_paths_arg = click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
+_audit_key_opt = click.option(
+    "--key-file", type=click.Path(dir_okay=False, path_type=Path), help="Audit key file (default: settings)."
+)
+
+
+@audit_cmd.command("verify")
+@_audit_paths_arg
+@_audit_key_opt
+@click.option("--partial", is_flag=True, help="Accept a chain whose oldest files were removed.")
+@click.pass_context
+@handle_errors
+def audit_verify_cmd(ctx: click.Context, paths: tuple[Path, ...], key_file: Path | None, partial: bool) -> None:
+    """Check every hash, link and checkpoint MAC in PATHS (files in any order or directories;
+    default: the configured file and its rotations). Exit 1 naming the first broken record."""
+    from broker.audit import verify_chain
+
+    key = _audit_key(ctx, key_file, required=False)
+    report = verify_chain(_audit_paths(ctx, paths), key=key, partial=partial)
+    click.echo(report.summary())
+    if not report.ok:
+        sys.exit(1)
+
+
+@audit_cmd.command("hash")
+@click.argument("value")
+@_audit_key_opt
+@click.pass_context
+@handle_errors
+def audit_hash_cmd(ctx: click.Context, value: str, key_file: Path | None) -> None:
+    """Print the HMAC under which VALUE (a token or key) appears in records; '-' reads it from stdin."""
+    if value == "-":
+        value = sys.stdin.read().rstrip("\r\n")
+    click.echo(_audit_key(ctx, key_file, required=True).hmac_hex(value))
+
+
+@audit_cmd.command("query")
+@_audit_paths_arg
+@click.option("--since", callback=_when, help="From this time (ISO 8601, inclusive; naive = UTC).")
+@click.option("--until", callback=_when, help="Before this time (ISO 8601, exclusive).")
+@click.option("--subject", help="Caller as namespace/service-account.")
+@click.option("--org", "organization_id", help="Organization id.")
+@click.option("--vendor", "vendor_id", help="Vendor id.")
+@click.option("--action", "actions", multiple=True, help="Action, e.g. token.issued (repeatable).")
+@click.option("--outcome", "outcomes", multiple=True, help="success, denied, failure or error (repeatable).")
+@click.option("--hash", "hmac", help="An HMAC from `broker audit hash`: records about that token or key.")
+@click.option("--json", "as_json", is_flag=True, help="Stream matching records as JSON lines (no limit).")
+@click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True, help="Table rows at most.")
+@click.pass_context
+@handle_errors
+def audit_query_cmd(
+    ctx: click.Context,
+    paths: tuple[Path, ...],
+    since: Any,
+    until: Any,
+    subject: str | None,
+    organization_id: str | None,
+    vendor_id: str | None,
+    actions: tuple[str, ...],
+    outcomes: tuple[str, ...],
+    hmac: str | None,
+    as_json: bool,
+    limit: int,
+) -> None:
+    """Stream the records in PATHS (default: the configured file and its rotations) that match every filter."""
+    from rich.console import Console
+
+    from broker.audit import AuditQuery, query_records, render_table
+
+    query = AuditQuery(since, until, subject, organization_id, vendor_id, frozenset(actions), frozenset(outcomes), hmac)
+    matches = query_records(_audit_paths(ctx, paths), query)
+    if as_json:
+        out = sys.stdout.buffer
+        for raw, _record in matches:
+            out.write(raw)
+        out.flush()
+    else:
+        render_table(matches, Console(), limit=limit)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="broker")

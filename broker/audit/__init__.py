@@ -37,7 +37,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from broker.audit.query import AuditQuery, parse_when, query_records, summarize_details
+from broker.audit.query import AuditQuery, parse_when, query_records, render_table, summarize_details
 from broker.audit.records import (
     GENESIS_HASH,
     REQUIRED_DETAILS,
@@ -70,6 +70,7 @@ __all__ = [
     "parse_when",
     "query_records",
     "record_hash",
+    "render_table",
     "summarize_details",
     "verify_chain",
 ]

@@ -9,6 +9,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from broker.audit.records import format_ts
 from broker.audit.verify import iter_lines
 
@@ -99,3 +102,29 @@ def summarize_details(record: Mapping[str, Any], width: int = 80) -> str:
         parts.append(f"{k}={shown}")
     text = " ".join(parts)
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def render_table(matches: Iterable[tuple[bytes, Mapping[str, Any]]], console: Console, *, limit: int) -> int:
+    """Print up to ``limit`` matches as a table (``--json`` streams without limit); return the count shown."""
+    table = Table("seq", "ts", "action", "outcome", "subject", "org/vendor", "rule", "details", show_lines=False)
+    shown = 0
+    more = False
+    for _raw, record in matches:
+        if shown >= limit:
+            more = True
+            break
+        pair = f"{record.get('organization_id')}/{record.get('vendor_id')}" if record.get("organization_id") else ""
+        table.add_row(
+            str(record.get("seq")),
+            str(record.get("ts")),
+            str(record.get("action")),
+            str(record.get("outcome")),
+            record.get("subject") or "",
+            pair,
+            record.get("rule_id") or "",
+            summarize_details(record),
+        )
+        shown += 1
+    console.print(table)
+    console.print(f"{shown} record(s)" + (" shown; more match (raise --limit or use --json)" if more else ""))
+    return shown

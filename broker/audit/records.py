@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum, StrEnum
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeAlias
 
@@ -167,6 +168,15 @@ class AuditKey:
         if settings.hmac_key is None:
             return None
         return cls(settings.hmac_key.get_secret_value().encode())
+
+    @classmethod
+    def from_file(cls, path: Path) -> AuditKey:
+        """The key in a file (as ``hmac_key_file``: UTF-8, trailing newline stripped)."""
+        try:
+            text = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot read the audit key file {path}: {exc.strerror}") from None
+        return cls(text.encode())
 
     def hmac_hex(self, value: SecretValue) -> str:
         """HMAC-SHA256 (hex) of a secret value, as stored in ``<name>_hmac`` fields."""
