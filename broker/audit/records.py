@@ -34,7 +34,7 @@ from typing import Any, TypeAlias
 from pydantic import SecretBytes, SecretStr
 
 from broker.errors import ConfigError
-from broker.models import IntegrationRef, Principal
+from broker.models import IntegrationRef, Principal, validate_identifier
 from broker.settings import AuditSettings
 
 SCHEMA_VERSION = 1
@@ -240,8 +240,15 @@ class AuditEvent:
     request_id: str | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
     secrets: Mapping[str, SecretValue] = field(default_factory=dict)
+    vendor_id: str | None = None
 
     def __post_init__(self) -> None:
+        if self.vendor_id is not None:
+            if self.ref is not None and self.ref.vendor_id != self.vendor_id:
+                raise ValueError("give ref or vendor_id, not two different vendors")
+            validate_identifier("vendor_id", self.vendor_id)
+        elif self.ref is not None:
+            object.__setattr__(self, "vendor_id", self.ref.vendor_id)
         object.__setattr__(self, "action", AuditAction(self.action))
         object.__setattr__(self, "outcome", AuditOutcome(self.outcome))
         details: dict[str, DetailValue] = {}
@@ -272,6 +279,8 @@ class AuditEvent:
                 raise ValueError("token.denied records need a principal and a non-success outcome")
         elif self.action in STEP_ACTIONS and self.ref is None:
             raise ValueError(f"{self.action} records need a ref")
+        elif self.action == AuditAction.VENDOR_KEY_VERSION_CHANGED and self.vendor_id is None:
+            raise ValueError("vendor_key.version_changed records need a vendor_id")
 
     def body(self, key: AuditKey) -> dict[str, Any]:
         """The record without its chain fields (``seq``, ``ts``, ``prev``, ``hash``)."""
@@ -296,7 +305,7 @@ class AuditEvent:
                 else None
             ),
             "organization_id": self.ref.organization_id if self.ref else None,
-            "vendor_id": self.ref.vendor_id if self.ref else None,
+            "vendor_id": self.vendor_id,
             "rule_id": self.rule_id,
             "reason": self.reason,
             "request_id": self.request_id,

@@ -295,8 +295,14 @@ class AuditLog:
         request_id: str | None = None,
         details: Mapping[str, Any] | None = None,
         secrets: Mapping[str, SecretValue] | None = None,
+        vendor_id: str | None = None,
     ) -> AuditReceipt:
-        """Write one record; raise ``AuditUnavailable`` if it is not durable within the bound."""
+        """Write one record; raise ``AuditUnavailable`` if it is not durable within the bound.
+
+        ``details`` are non-secret scalars; each ``secrets`` entry becomes
+        ``details["<name>_hmac"]``; ``vendor_id`` names the vendor when there is
+        no ``ref`` (vendor-key changes). Bad arguments raise ``ValueError``.
+        """
         return self.emit(
             AuditEvent(
                 AuditAction(action),
@@ -308,6 +314,7 @@ class AuditLog:
                 request_id=request_id,
                 details=details or {},
                 secrets=secrets or {},
+                vendor_id=vendor_id,
             )
         )
 
@@ -323,6 +330,7 @@ class AuditLog:
         request_id: str | None = None,
         details: Mapping[str, Any] | None = None,
         secrets: Mapping[str, SecretValue] | None = None,
+        vendor_id: str | None = None,
     ) -> AuditReceipt:
         """``record`` for async callers, with the same bound; the event loop is never blocked."""
         return await self.aemit(
@@ -336,6 +344,7 @@ class AuditLog:
                 request_id=request_id,
                 details=details or {},
                 secrets=secrets or {},
+                vendor_id=vendor_id,
             )
         )
 
