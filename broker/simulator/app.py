@@ -49,6 +49,7 @@ log = get_logger("simulator")
 GRANT_TYPE = "client_credentials"
 INTEGRATION_STATUSES = frozenset({"mapping", "active", "inactive", "pending"})
 MESSAGE_ECHO_CHARS = 64
+HANG_POLL_SECONDS = 0.02
 _DROP_KEY = "broker.simulator.drop"
 
 M = TypeVar("M", bound=BaseModel)
@@ -353,10 +354,10 @@ class Simulator:
             await asyncio.sleep(plan.latency_seconds)
         if plan.hang_seconds > 0:
             call.record.outcome = "hung"
-            await asyncio.sleep(plan.hang_seconds)
+            await self._hang(plan.hang_seconds, call.generation)
         if call.generation != self.generation:
             call.record.outcome = "discarded"
-            raise SimError(503, "SIMULATOR_RESET", "the simulator was reset while this request waited")
+            raise SimError(503, "SIMULATOR_RESET", "the simulator was reset or stopped while this request waited")
         if plan.error_status is not None:
             call.record.outcome = "injected_error"
             raise SimError(plan.error_status, "INJECTED_FAULT", "injected server error (simulator fault)")
@@ -365,6 +366,17 @@ class Simulator:
             call.record.outcome = "dropped"
             request.scope[_DROP_KEY].drop = True
         return response
+
+    async def _hang(self, seconds: float, generation: int) -> None:
+        """Sleep ``seconds``, cut short by ``reset()`` / ``release_waiting()``."""
+        end = asyncio.get_running_loop().time() + seconds
+        loop = asyncio.get_running_loop()
+        while generation == self.generation and (left := end - loop.time()) > 0:
+            await asyncio.sleep(min(left, HANG_POLL_SECONDS))
+
+    def release_waiting(self) -> None:
+        """End every hanging request now (they answer 503); used before shutdown."""
+        self.generation += 1
 
     def _rate_key(self, request: Request, call: Call) -> str:
         if call.endpoint.startswith("vendor_api."):

@@ -136,7 +136,7 @@ class World:
         self.deleted_seed_organizations: set[str] = set()
         self.users: list[User] = []
         self.integrations: dict[str, Integration] = {}
-        self.reset()
+        self._from_seed()
         if state_path is not None and state_path.exists():
             self._load(state_path)
 
@@ -144,6 +144,11 @@ class World:
 
     def reset(self) -> None:
         """Back to the seed: created organizations, users and integrations are gone."""
+        with self.lock:
+            self._from_seed()
+            self.save()
+
+    def _from_seed(self) -> None:
         with self.lock:
             self.organizations = {
                 o.id: Organization(
@@ -160,7 +165,6 @@ class World:
             self.deleted_seed_organizations = set()
             self.users = []
             self.integrations = {}
-            self.save()
 
     def _load(self, path: Path) -> None:
         try:

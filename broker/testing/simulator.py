@@ -144,6 +144,8 @@ class SimulatorThread(SimulatorHandle):
         """Ask uvicorn to exit, force it after ``timeout_seconds``, and join the thread."""
         if self._server is None or self._thread is None:
             return
+        if self.simulator is not None:
+            self.simulator.release_waiting()
         self._server.should_exit = True
         self._thread.join(timeout_seconds / 2)
         if self._thread.is_alive():
