@@ -1,0 +1,681 @@
+"""``SecretStore`` on Vault / OpenBao KV v2, through hvac.
+
+Connection
+----------
+The hvac client is built from ``VaultSettings`` only: url, CA bundle,
+namespace and timeout are passed explicitly, the requests session ignores the
+environment (``trust_env = False``: no proxies, no ``REQUESTS_CA_BUNDLE``,
+no ``.netrc``), and the adapter is constructed with ``cert=None`` and the
+configured token (or none), so hvac's ``VAULT_ADDR`` / ``VAULT_TOKEN`` /
+``VAULT_CACERT`` / ``~/.vault-token`` fallbacks never apply.
+
+Authentication: ``token`` (renewed with ``renew_self`` when renewable),
+``approle`` and ``kubernetes`` (``POST auth/<mount>/login`` with role + the
+projected service-account JWT, read from disk at every login; the mount may
+be a ``kubernetes`` or a ``jwt`` auth method, both take that body). Logins
+happen lazily on first use. A daemon thread renews the token (or logs in
+again when it is not renewable or has reached its max TTL)
+``token_renew_before_seconds`` before expiry, capped at half the TTL; every
+call also checks the deadline first, so a stalled renewer cannot leave a call
+with a dead token. All of it is serialised by one lock.
+
+Versions and CAS
+----------------
+Versions are KV v2 version numbers as strings (``"1"``, ``"2"``...).
+``write`` is ``POST {mount}/data/{path}`` with ``options.cas`` set to
+``expected_latest`` (``0`` when the secret must not exist), so Vault itself
+rejects a lost race; the loser gets ``Conflict``. A secret the broker creates
+first gets ``custom_metadata.owner``, ``max_versions`` and
+``cas_required=true`` (``POST {mount}/metadata/{path}``), so no writer,
+human or broker, can overwrite it without CAS.
+
+Idempotency (decision)
+----------------------
+A write is fully determined by its *slot*: ``expected_latest + 1``. No field
+is added to the data (what ``bao kv get`` shows is exactly what the caller
+wrote). When the CAS write fails, the store reads the slot: if that version
+holds the same value, it is the first attempt's version (or an identical
+concurrent write), and the retry returns it with ``created=False``;
+otherwise it is somebody else's version and the answer is ``Conflict``.
+A value equal to the latest version is answered with that version and
+``created=False`` before anything is written. The ``idempotency_key`` thus
+needs no storage: the same key always comes with the same ``expected_latest``
+and value, which name the same slot. (It is logged as a short hash for
+tracing.) The AWS store uses the same slot rule, so both stores answer the
+contract alike.
+
+Stages (decision)
+-----------------
+KV v2 has no labels. The pointers of ``<path>`` live in a sibling KV v2
+secret ``<stage_record_prefix>/<path>`` (default ``_broker/stages/<path>``),
+whose fields ``current`` / ``pending`` / ``previous`` hold version numbers
+(an absent field is an unset stage). ``move_stage`` reads that record,
+compares the pointer with ``expected``, and writes the new record with
+``cas=<record version>``: concurrent movers race on Vault's CAS, and exactly
+one wins. Moving ``current`` writes ``previous`` = the old current in the
+same record version. Paths under the prefix are refused as secret paths.
+
+Deleted and destroyed versions are reported as ``SecretNotFound`` naming the
+state (``read_secret_version`` is called with ``raise_on_deleted_version``
+explicitly ``False`` so the metadata of a soft-deleted version is seen).
+Every hvac / requests error is translated by ``_translated``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import hvac
+import hvac.adapters
+import hvac.exceptions
+import requests
+import requests.adapters
+from pydantic import SecretStr
+
+from broker.errors import (
+    BrokerError,
+    ConfigError,
+    Conflict,
+    InvalidInput,
+    SecretNotFound,
+    StoreAccessDenied,
+    StoreUnavailable,
+    snippet,
+)
+from broker.log import get_logger
+from broker.metrics import Metrics
+from broker.models import SecretInfo, SecretValue, Stage, VersionInfo, WriteResult
+from broker.settings import StoreSettings, VaultSettings
+
+BACKEND = "vault"
+RETRY_AFTER_SECONDS = 1.0
+_CAS_MISMATCH = "check-and-set"
+_POOL_CONNECTIONS = 32
+_log = get_logger("stores.vault")
+
+
+def _errors_text(exc: hvac.exceptions.VaultError) -> str:
+    errors = exc.errors
+    if isinstance(errors, list):
+        return "; ".join(str(e) for e in errors)
+    return str(exc.args[0]) if exc.args and exc.args[0] else type(exc).__name__
+
+
+@contextmanager
+def _translated(operation: str, where: str, *, login: bool = False) -> Iterator[None]:
+    """Re-raise hvac / requests errors as broker errors (``from exc``); messages carry no values.
+
+    During a login (``login=True``) a 400 means refused credentials (Vault answers a bad
+    secret_id or JWT with 400), so it becomes ``StoreAccessDenied``.
+    """
+    try:
+        yield
+    except BrokerError:
+        raise
+    except hvac.exceptions.InvalidPath as exc:
+        raise SecretNotFound(f"vault: nothing at {where}") from exc
+    except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized) as exc:
+        raise StoreAccessDenied(
+            f"vault refused {operation} of {where} (check the broker's token, role and policy): "
+            f"{snippet(_errors_text(exc))}"
+        ) from exc
+    except hvac.exceptions.InvalidRequest as exc:
+        text = _errors_text(exc)
+        if login:
+            raise StoreAccessDenied(f"vault refused the login at {where}: {snippet(text)}") from exc
+        if _CAS_MISMATCH in text:
+            raise Conflict(f"vault: {where} changed concurrently (check-and-set failed); re-read and retry") from exc
+        raise InvalidInput(f"vault rejected {operation} of {where}: {snippet(text)}") from exc
+    except hvac.exceptions.VaultError as exc:
+        raise StoreUnavailable(
+            f"vault failed {operation} of {where} ({type(exc).__name__}): {snippet(_errors_text(exc))}",
+            retry_after_seconds=RETRY_AFTER_SECONDS,
+        ) from exc
+    except OSError as exc:  # requests' RequestException (connection, timeout, TLS) is an OSError
+        raise StoreUnavailable(
+            f"vault unreachable for {operation} of {where}: {type(exc).__name__}",
+            retry_after_seconds=RETRY_AFTER_SECONDS,
+        ) from exc
+    except Exception as exc:
+        raise StoreUnavailable(
+            f"vault gave an unexpected answer to {operation} of {where}: {type(exc).__name__}",
+            retry_after_seconds=RETRY_AFTER_SECONDS,
+        ) from exc
+
+
+@contextmanager
+def _observed(metrics: Metrics | None, operation: str) -> Iterator[None]:
+    """Count the call, its error code and its latency (backend ``vault``)."""
+    started = time.perf_counter()
+    if metrics is not None:
+        metrics.backend_calls.labels(BACKEND, operation).inc()
+    try:
+        yield
+    except BrokerError as exc:
+        if metrics is not None:
+            metrics.backend_errors.labels(BACKEND, operation, exc.code).inc()
+        raise
+    finally:
+        if metrics is not None:
+            metrics.backend_seconds.labels(BACKEND, operation).observe(time.perf_counter() - started)
+
+
+_TIME = re.compile(r"^(?P<base>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?P<frac>\.\d+)?(?P<tz>Z|[+-]\d\d:\d\d)$")
+
+
+def _parse_time(text: object) -> datetime | None:
+    """Parse Vault's RFC 3339 timestamps (nanoseconds allowed); empty -> None."""
+    if not isinstance(text, str) or not text:
+        return None
+    match = _TIME.match(text)
+    if match is None:
+        return None
+    frac = (match["frac"] or "")[:7]
+    tz = "+00:00" if match["tz"] == "Z" else match["tz"]
+    return datetime.fromisoformat(match["base"] + frac + tz)
+
+
+def _is_deleted(meta: Mapping[str, Any]) -> bool:
+    deleted_at = _parse_time(meta.get("deletion_time"))
+    return deleted_at is not None and deleted_at <= datetime.now(UTC)
+
+
+def _to_secret_map(raw: Mapping[str, Any]) -> dict[str, SecretStr]:
+    return {str(k): SecretStr(v if isinstance(v, str) else json.dumps(v)) for k, v in raw.items()}
+
+
+def _plain(data: Mapping[str, SecretStr]) -> dict[str, str]:
+    return {k: v.get_secret_value() for k, v in data.items()}
+
+
+def _key_hash(idempotency_key: str) -> str:
+    return hashlib.sha256(idempotency_key.encode()).hexdigest()[:12]
+
+
+def _version_number(version: str) -> int:
+    if not version.isdigit() or int(version) < 1:
+        raise SecretNotFound(f"vault: {version!r} is not a KV v2 version number")
+    return int(version)
+
+
+class _TokenKeeper:
+    """Holds the broker's Vault token: lazy login, renewal or re-login before expiry, thread-safe."""
+
+    def __init__(
+        self,
+        settings: VaultSettings,
+        adapter: hvac.adapters.JSONAdapter,
+        login_adapter: hvac.adapters.JSONAdapter,
+        token_api: Any,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._adapter = adapter
+        self._login_adapter = login_adapter
+        self._token_api = token_api
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._ready = False
+        self._expires_at: float | None = None
+        self._ttl_seconds = 0.0
+        self._renewable = False
+        self._accessor: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._can_login = settings.auth_method != "token"
+
+    @property
+    def accessor(self) -> str | None:
+        """Accessor of the token in use (not a secret; names the token in Vault's audit log)."""
+        return self._accessor
+
+    def _margin_seconds(self) -> float:
+        return min(self._settings.token_renew_before_seconds, self._ttl_seconds / 2)
+
+    def _due(self) -> bool:
+        return self._expires_at is not None and self._clock() >= self._expires_at - self._margin_seconds()
+
+    def ensure(self) -> None:
+        """Make sure a live token is installed; log in, renew or re-login as needed."""
+        if self._ready and not self._due():
+            return
+        with self._lock:
+            if not self._ready:
+                self._login()
+                self._start_renewer()
+            elif self._due():
+                self._refresh()
+
+    def _set_lease(self, ttl_seconds: float, renewable: bool) -> None:
+        self._renewable = renewable
+        if ttl_seconds <= 0:
+            self._expires_at = None
+            self._ttl_seconds = 0.0
+        else:
+            self._expires_at = self._clock() + ttl_seconds
+            self._ttl_seconds = max(self._ttl_seconds, ttl_seconds)
+
+    def _login(self) -> None:
+        s = self._settings
+        if s.auth_method == "token":
+            if s.token is None:
+                raise ConfigError("vault.auth_method=token needs vault.token or vault.token_file")
+            self._adapter.token = s.token.get_secret_value()
+            with _translated("token lookup", "auth/token/lookup-self"):
+                info = self._token_api.lookup_self()["data"]
+            self._ttl_seconds = 0.0
+            self._set_lease(float(info.get("ttl") or 0), bool(info.get("renewable")))
+            self._accessor = info.get("accessor")
+            self._ready = True
+            _log.info("vault_token_loaded", auth_method="token", ttl_seconds=info.get("ttl"))
+            return
+        if s.auth_method == "approle":
+            if not s.role_id or s.secret_id is None:
+                raise ConfigError("vault.auth_method=approle needs vault.role_id and vault.secret_id(_file)")
+            mount = s.approle_mount
+            body = {"role_id": s.role_id, "secret_id": s.secret_id.get_secret_value()}
+        else:
+            if not s.kubernetes_role:
+                raise ConfigError("vault.auth_method=kubernetes needs vault.kubernetes_role")
+            mount = s.kubernetes_mount
+            try:
+                jwt = s.kubernetes_jwt_path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise StoreAccessDenied(
+                    f"vault: cannot read the service-account token at {s.kubernetes_jwt_path}: {exc.strerror}"
+                ) from None
+            body = {"role": s.kubernetes_role, "jwt": jwt}
+        where = f"auth/{mount}/login"
+        with _translated("login", where, login=True):
+            auth = self._login_adapter.post(f"/v1/{where}", json=body)["auth"]
+        self._adapter.token = auth["client_token"]
+        self._accessor = auth.get("accessor")
+        self._ttl_seconds = 0.0
+        self._set_lease(float(auth.get("lease_duration") or 0), bool(auth.get("renewable")))
+        self._ready = True
+        _log.info("vault_login", auth_method=s.auth_method, mount=mount, ttl_seconds=auth.get("lease_duration"))
+
+    def _refresh(self) -> None:
+        if self._renewable:
+            try:
+                with _translated("token renewal", "auth/token/renew-self"):
+                    auth = self._token_api.renew_self()["auth"]
+            except BrokerError as exc:
+                if not self._can_login:
+                    raise
+                _log.warning("vault_renew_failed", code=exc.code)
+                self._login()
+                return
+            lease = float(auth.get("lease_duration") or 0)
+            if self._can_login and 0 < lease <= self._margin_seconds():
+                self._login()  # renewal is capped by the token's max TTL: start over
+                return
+            self._set_lease(lease, bool(auth.get("renewable")))
+            _log.debug("vault_token_renewed", ttl_seconds=lease)
+        elif self._can_login:
+            self._login()
+        else:
+            # A non-renewable token cannot be helped; calls will fail with STORE_ACCESS_DENIED.
+            _log.warning("vault_token_expiring_not_renewable")
+            self._expires_at = None
+
+    def _start_renewer(self) -> None:
+        if self._thread is not None or self._stop.is_set():
+            return
+        self._thread = threading.Thread(target=self._run, name="vault-token-renewer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        backoff = 0.0
+        while True:
+            if backoff:
+                wait = backoff
+            elif self._expires_at is None:
+                wait = 30.0
+            else:
+                wait = max(0.05, self._expires_at - self._margin_seconds() - self._clock())
+            if self._stop.wait(wait):
+                return
+            try:
+                self.ensure()
+                backoff = 0.0
+            except BrokerError as exc:
+                backoff = min(max(backoff * 2, 0.5), 10.0)
+                _log.warning("vault_token_refresh_failed", code=exc.code, retry_in_seconds=backoff)
+
+    def close(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+
+class VaultStore:
+    """Versioned secrets in a Vault / OpenBao KV v2 mount (see the module docstring)."""
+
+    backend = BACKEND
+
+    def __init__(
+        self, settings: VaultSettings, store_settings: StoreSettings, *, metrics: Metrics | None = None
+    ) -> None:
+        if settings.auth_method == "approle" and (not settings.role_id or settings.secret_id is None):
+            raise ConfigError("vault.auth_method=approle needs vault.role_id and vault.secret_id(_file)")
+        if settings.auth_method == "kubernetes" and not settings.kubernetes_role:
+            raise ConfigError("vault.auth_method=kubernetes needs vault.kubernetes_role")
+        if settings.auth_method == "token" and settings.token is None:
+            raise ConfigError("vault.auth_method=token needs vault.token or vault.token_file")
+        self._settings = settings
+        self._store_settings = store_settings
+        self._metrics = metrics
+        self._mount = settings.kv_mount.strip("/")
+        self._stage_prefix = settings.stage_record_prefix.strip("/")
+        verify: bool | str = str(settings.ca_bundle_path) if settings.ca_bundle_path else True
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = verify
+        pool = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=_POOL_CONNECTIONS)
+        session.mount("https://", pool)
+        session.mount("http://", pool)
+        self._session = session
+
+        def adapter() -> hvac.adapters.JSONAdapter:
+            return hvac.adapters.JSONAdapter(
+                base_uri=settings.url,
+                token=None,
+                cert=None,
+                verify=verify,
+                timeout=settings.timeout_seconds,
+                proxies=None,
+                session=session,
+                namespace=settings.namespace,
+            )
+
+        # hvac.Client gets an adapter built only from settings (token None, cert None), so none of
+        # its fallbacks (VAULT_TOKEN, ~/.vault-token, VAULT_CLIENT_CERT, VAULT_CACERT) can apply.
+        main_adapter = adapter()
+        self._client = hvac.Client(
+            url=settings.url,
+            token="",
+            verify=verify,
+            timeout=settings.timeout_seconds,
+            namespace=settings.namespace,
+            session=session,
+            adapter=lambda **_ignored: main_adapter,
+        )
+        self._kv = self._client.secrets.kv.v2
+        self._tokens = _TokenKeeper(settings, self._client.adapter, adapter(), self._client.auth.token)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @property
+    def token_accessor(self) -> str | None:
+        """Accessor of the broker's current Vault token (for audits and tests; not a secret)."""
+        return self._tokens.accessor
+
+    def _check_path(self, path: str) -> str:
+        clean = path.strip("/")
+        parts = clean.split("/")
+        if not clean or any(p in ("", ".", "..") for p in parts):
+            raise InvalidInput(f"vault: invalid secret path {path!r}")
+        if clean == self._stage_prefix or clean.startswith(self._stage_prefix + "/"):
+            raise InvalidInput(f"vault: paths under {self._stage_prefix!r} are reserved for stage records")
+        return clean
+
+    def _stage_path(self, path: str) -> str:
+        return f"{self._stage_prefix}/{path}"
+
+    def _where(self, path: str, version: int | None = None) -> str:
+        suffix = f" version {version}" if version is not None else ""
+        return f"{self._mount}/{path}{suffix}"
+
+    def _metadata(self, path: str) -> dict[str, Any] | None:
+        """GET {mount}/metadata/{path}; None when the secret does not exist."""
+        try:
+            with _translated("metadata read", self._where(path)):
+                data: dict[str, Any] = self._kv.read_secret_metadata(path=path, mount_point=self._mount)["data"]
+                return data
+        except SecretNotFound:
+            return None
+
+    def _read_version(self, path: str, version: int | None) -> tuple[int, dict[str, Any], dict[str, Any]]:
+        """GET {mount}/data/{path}?version=N -> (version, data, metadata); deleted/destroyed -> SecretNotFound."""
+        where = self._where(path, version)
+        try:
+            with _translated("read", where):
+                body = self._kv.read_secret_version(
+                    path=path, version=version, mount_point=self._mount, raise_on_deleted_version=False
+                )
+        except SecretNotFound as exc:
+            cause = exc.__cause__
+            meta = _deleted_metadata(cause)
+            if meta is not None and meta.get("destroyed"):
+                raise SecretNotFound(f"vault: {where} is destroyed (its data is gone for good)") from cause
+            if meta is not None and _is_deleted(meta):
+                raise SecretNotFound(f"vault: {where} is deleted (undelete it to read it)") from cause
+            raise
+        payload = body.get("data") or {}
+        meta = payload.get("metadata") or {}
+        number = int(meta.get("version") or version or 0)
+        if meta.get("destroyed"):
+            raise SecretNotFound(f"vault: {self._where(path, number)} is destroyed (its data is gone for good)")
+        if payload.get("data") is None or _is_deleted(meta):
+            raise SecretNotFound(f"vault: {self._where(path, number)} is deleted (undelete it to read it)")
+        return number, payload["data"], meta
+
+    def _stage_record(self, path: str) -> tuple[int, dict[Stage, str]]:
+        """The stage record of ``path``: (its KV version, 0 if none; stage -> version)."""
+        record_path = self._stage_path(path)
+        try:
+            with _translated("stage read", self._where(record_path)):
+                body = self._kv.read_secret_version(
+                    path=record_path, mount_point=self._mount, raise_on_deleted_version=False
+                )
+        except SecretNotFound:
+            return 0, {}
+        payload = body.get("data") or {}
+        meta = payload.get("metadata") or {}
+        raw = payload.get("data") or {}
+        stages = {stage: str(raw[stage.value]) for stage in Stage if raw.get(stage.value)}
+        return int(meta.get("version") or 0), stages
+
+    def _ensure_metadata(self, path: str) -> None:
+        """POST {mount}/metadata/{path}: owner, max_versions and cas_required on a secret the broker creates."""
+        with _translated("metadata write", self._where(path)):
+            self._kv.update_metadata(
+                path=path,
+                max_versions=self._store_settings.max_versions,
+                cas_required=True,
+                mount_point=self._mount,
+                custom_metadata={"owner": self._store_settings.owner, "managed-by": "mspc-broker"},
+            )
+
+    # -- SecretStore ----------------------------------------------------------------------------
+
+    def read(self, path: str, *, version: str | None = None, stage: Stage | None = None) -> SecretValue:
+        """GET {mount}/data/{path} by version, by stage (via the stage record), else current or latest."""
+        with _observed(self._metrics, "read"):
+            path = self._check_path(path)
+            self._tokens.ensure()
+            number: int | None = _version_number(version) if version is not None else None
+            _, stages = self._stage_record(path)
+            if number is None and stage is not None:
+                if stage not in stages:
+                    raise SecretNotFound(f"vault: stage {stage.value} of {self._where(path)} is not set")
+                number = int(stages[stage])
+            elif number is None and Stage.CURRENT in stages:
+                number = int(stages[Stage.CURRENT])
+            got, data, meta = self._read_version(path, number)
+            _log.debug("store_read", backend=BACKEND, path=path, version=got)
+            return SecretValue(
+                path=path,
+                version=str(got),
+                data=_to_secret_map(data),
+                created_at=_parse_time(meta.get("created_time")),
+                stages=frozenset(s for s, v in stages.items() if v == str(got)),
+            )
+
+    def describe(self, path: str) -> SecretInfo:
+        """GET {mount}/metadata/{path} and the stage record; no values."""
+        with _observed(self._metrics, "describe"):
+            path = self._check_path(path)
+            self._tokens.ensure()
+            meta = self._metadata(path)
+            if meta is None:
+                raise SecretNotFound(f"vault: no secret at {self._where(path)}")
+            _, stages = self._stage_record(path)
+            versions = []
+            for key in sorted((meta.get("versions") or {}), key=int):
+                info = meta["versions"][key]
+                versions.append(
+                    VersionInfo(
+                        version=str(key),
+                        created_at=_parse_time(info.get("created_time")),
+                        stages=frozenset(s for s, v in stages.items() if v == str(key)),
+                        deleted=_is_deleted(info),
+                        destroyed=bool(info.get("destroyed")),
+                    )
+                )
+            latest = int(meta.get("current_version") or 0)
+            owner = (meta.get("custom_metadata") or {}).get("owner")
+            return SecretInfo(
+                path=path,
+                versions=tuple(versions),
+                stages=stages,
+                latest_version=str(latest) if latest else None,
+                owner=owner,
+            )
+
+    def write(
+        self,
+        path: str,
+        data: Mapping[str, SecretStr],
+        *,
+        expected_latest: str | None,
+        idempotency_key: str,
+    ) -> WriteResult:
+        """POST {mount}/data/{path} with cas=expected_latest (0 = must not exist); see the module docstring."""
+        with _observed(self._metrics, "write"):
+            path = self._check_path(path)
+            if not data or not all(isinstance(k, str) and k for k in data):
+                raise InvalidInput("vault: a secret needs at least one non-empty field name")
+            wanted = _plain(data)
+            try:
+                expected = _version_number(expected_latest) if expected_latest is not None else 0
+            except SecretNotFound:
+                raise Conflict(f"vault: {expected_latest!r} is not a version of {self._where(path)}") from None
+            log = _log.bind(
+                backend=BACKEND, path=path, expected_latest=expected, idempotency_hash=_key_hash(idempotency_key)
+            )
+            self._tokens.ensure()
+            meta = self._metadata(path)
+            latest = int(meta.get("current_version") or 0) if meta else 0
+            if latest == expected:
+                if latest and self._value_equals(path, latest, wanted):
+                    log.info("store_write_unchanged", version=latest)
+                    return WriteResult(version=str(latest), created=False)
+                if meta is None:
+                    self._ensure_metadata(path)
+                try:
+                    with _translated("write", self._where(path)):
+                        body = self._kv.create_or_update_secret(
+                            path=path, secret=wanted, cas=expected, mount_point=self._mount
+                        )
+                    version = int(body["data"]["version"])
+                    log.info("store_write", version=version)
+                    return WriteResult(version=str(version), created=True)
+                except Conflict:
+                    pass  # somebody took the slot meanwhile; decide below like a retry
+            slot = expected + 1
+            if self._value_equals(path, slot, wanted):
+                log.info("store_write_replayed", version=slot)
+                return WriteResult(version=str(slot), created=False)
+            log.info("store_write_conflict", latest_version=latest)
+            raise Conflict(
+                f"vault: {self._where(path)} is not at version {expected_latest or 'none'} any more; re-read and retry"
+            )
+
+    def _value_equals(self, path: str, version: int, wanted: Mapping[str, str]) -> bool:
+        try:
+            _, data, _ = self._read_version(path, version)
+        except SecretNotFound:
+            return False
+        return _plain(_to_secret_map(data)) == wanted
+
+    def move_stage(self, path: str, stage: Stage, version: str | None, *, expected: str | None) -> None:
+        """POST {mount}/data/<stage_record_prefix>/{path} with cas = the record version read."""
+        with _observed(self._metrics, "move_stage"):
+            path = self._check_path(path)
+            stage = Stage(stage)
+            self._tokens.ensure()
+            record_version, stages = self._stage_record(path)
+            now = stages.get(stage)
+            if now != expected:
+                raise Conflict(
+                    f"vault: stage {stage.value} of {self._where(path)} is at {now or 'unset'}, "
+                    f"not {expected or 'unset'}"
+                )
+            if version == expected:
+                return
+            if version is not None:
+                number = _version_number(version)
+                meta = self._metadata(path)
+                info = ((meta or {}).get("versions") or {}).get(str(number))
+                if info is None:
+                    raise SecretNotFound(f"vault: {self._where(path, number)} does not exist")
+                if info.get("destroyed") or _is_deleted(info):
+                    raise SecretNotFound(f"vault: {self._where(path, number)} is deleted or destroyed")
+            new = dict(stages)
+            new.pop(stage, None)
+            if version is not None:
+                new[stage] = str(_version_number(version))
+            if stage is Stage.CURRENT:
+                new.pop(Stage.PREVIOUS, None)
+                if expected is not None:
+                    new[Stage.PREVIOUS] = expected
+            record_path = self._stage_path(path)
+            if record_version == 0 and self._metadata(record_path) is None:
+                self._ensure_metadata(record_path)
+            with _translated("stage write", self._where(record_path)):
+                self._kv.create_or_update_secret(
+                    path=record_path,
+                    secret={s.value: v for s, v in new.items()},
+                    cas=record_version,
+                    mount_point=self._mount,
+                )
+            _log.info(
+                "store_stage_moved",
+                backend=BACKEND,
+                path=path,
+                stage=stage.value,
+                to_version=version,
+                from_version=expected,
+            )
+
+    def health(self) -> None:
+        """GET auth/token/lookup-self with the broker's token (after login / renewal)."""
+        with _observed(self._metrics, "health"):
+            self._tokens.ensure()
+            with _translated("health", "auth/token/lookup-self"):
+                self._client.auth.token.lookup_self()
+
+    def close(self) -> None:
+        """Stop the renewer thread and close the HTTP session."""
+        self._tokens.close()
+        self._session.close()
+
+
+def _deleted_metadata(exc: BaseException | None) -> dict[str, Any] | None:
+    """The version metadata Vault returns with a 404 for a deleted / destroyed version, if any."""
+    body = getattr(exc, "json", None)
+    if not isinstance(body, dict):
+        return None
+    meta = (body.get("data") or {}).get("metadata")
+    return meta if isinstance(meta, dict) else None
