@@ -478,8 +478,8 @@ class Authenticator:
     def _verify_jwt(self, token: str, now: float) -> tuple[Principal, float]:
         try:
             header = self._jws.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise _Rejected("malformed", "malformed token: not a signed JWT") from None
+        except jwt.PyJWTError as exc:
+            raise _Rejected("malformed", f"malformed token: {snippet(str(exc), 80)}") from None
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
             shown = alg if isinstance(alg, str) and _SAFE_ALG.fullmatch(alg) else "(invalid)"

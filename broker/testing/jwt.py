@@ -46,7 +46,8 @@ def kubernetes_key_id(public_key: Any) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode("ascii")
 
 
-def _generate(algorithm: str) -> PrivateKey:
+def generate_key(algorithm: str) -> PrivateKey:
+    """A new private key for ``algorithm`` (RSA 2048, P-256, P-384 or Ed25519)."""
     if algorithm.startswith(("RS", "PS")):
         return rsa.generate_private_key(public_exponent=65537, key_size=2048)
     if algorithm == "ES256":
@@ -125,7 +126,9 @@ class _LoopbackHttp:
 
         self._server = _QuietServer(("127.0.0.1", port), Handler)
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="loopback-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="loopback-http", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -152,7 +155,9 @@ class DevIssuer:
     ``discovery_requests`` count what clients fetched.
     """
 
-    def __init__(self, *, algorithm: KeyAlgorithm = "RS256", issuer: str | None = None) -> None:
+    def __init__(
+        self, *, algorithm: KeyAlgorithm = "RS256", issuer: str | None = None, private_key: PrivateKey | None = None
+    ) -> None:
         self._lock = threading.Lock()
         self._keys: dict[str, SigningKey] = {}
         self._published: list[str] = []
@@ -162,7 +167,7 @@ class DevIssuer:
         self.jwks_requests = 0
         self.discovery_requests = 0
         self.jwks_fault: JwksFault = "none"
-        self.add_key(algorithm)
+        self.add_key(algorithm, private_key=private_key)
 
     def start(self, port: int = 0) -> DevIssuer:
         """Serve discovery and JWKS on 127.0.0.1 (``port`` 0 picks a free port); returns self."""
@@ -216,9 +221,10 @@ class DevIssuer:
         kid: str | None = None,
         publish: bool = True,
         make_current: bool = True,
+        private_key: PrivateKey | None = None,
     ) -> SigningKey:
-        """Generate a key (``kid`` defaults to the Kubernetes-style key id), publish it, sign with it next."""
-        private_key = _generate(algorithm)
+        """Add a key (generated unless given; ``kid`` defaults to the Kubernetes-style id), publish it, sign with it."""
+        private_key = private_key or generate_key(algorithm)
         key = SigningKey(kid or kubernetes_key_id(private_key.public_key()), algorithm, private_key)
         with self._lock:
             self._keys[key.kid] = key
@@ -432,4 +438,13 @@ class TokenReviewServer:
         return 201, json.dumps(review).encode()
 
 
-__all__ = ["DevIssuer", "JwksFault", "KeyAlgorithm", "SigningKey", "TokenReviewServer", "kubernetes_key_id"]
+__all__ = [
+    "DevIssuer",
+    "JwksFault",
+    "KeyAlgorithm",
+    "PrivateKey",
+    "SigningKey",
+    "TokenReviewServer",
+    "generate_key",
+    "kubernetes_key_id",
+]
