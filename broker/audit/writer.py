@@ -245,6 +245,7 @@ class AuditLog:
         self._thread: threading.Thread | None = None
         self._lifecycle = threading.Lock()
         self._closed = False
+        self._stopping = False
         # Writer-thread state below: touched only by the writer thread.
         self._fd: int | None = None
         self._regular = False
@@ -441,22 +442,29 @@ class AuditLog:
     # -- writer thread ------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < _MAX_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            live = [r for r in batch if r.kind != "stop"]
+        while not self._stopping:
+            request = self._queue.get()
+            if request.kind == "stop":
+                break
+            batch = [request]
             try:
-                self._write_batch(live)
+                self._write_batch(batch)
             except Exception as exc:  # noqa: BLE001 - the writer must survive its own bugs
                 _log.error("audit_writer_bug", error=type(exc).__name__)
-                self._fail(live, "internal", exc)
-            if len(live) < len(batch):
-                self._close_file()
+                self._fail(batch, "internal", exc)
+        self._close_file()
+
+    def _drain(self, batch: list[_Request]) -> None:
+        """Add whatever else is queued (up to a batch), noting a stop request."""
+        while len(batch) < _MAX_BATCH and not self._stopping:
+            try:
+                request = self._queue.get_nowait()
+            except queue.Empty:
                 return
+            if request.kind == "stop":
+                self._stopping = True
+            else:
+                batch.append(request)
 
     def _now(self) -> str:
         return format_ts(self._clock())
@@ -467,11 +475,14 @@ class AuditLog:
         try:
             self._ensure_open()
         except TailCorrupt as exc:
+            self._drain(requests)
             self._fail(requests, "corrupt", exc, f"{exc}; run `broker audit verify`")
             return
         except OSError as exc:
+            self._drain(requests)
             self._fail(requests, "open", exc)
             return
+        self._drain(requests)  # opening may have blocked a while; take what queued up meanwhile
         claimed: list[_Request] = []
         for request in requests:
             with request.lock:

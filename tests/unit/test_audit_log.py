@@ -1,0 +1,252 @@
+"""AuditLog: chain continuity, restart from the tail, rotation, checkpoints, sinks, repair."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from broker.audit import AuditAction, AuditKey, AuditLog, AuditOutcome, verify_chain
+from broker.audit import writer as writer_module
+from broker.errors import AuditUnavailable, ConfigError
+from broker.metrics import Metrics
+from broker.models import IntegrationRef, Principal
+from broker.settings import AuditSettings
+
+KEY_TEXT = "audit-key-for-tests-0123456789abcdef"
+KEY = AuditKey(KEY_TEXT.encode())
+REF = IntegrationRef("org-1", "vendor-a")
+PRINCIPAL = Principal("payments", "invoicer")
+
+
+def settings(path: Path | None, **options: Any) -> AuditSettings:
+    values: dict[str, Any] = {"checkpoint_every_records": 1000, "fsync": False} | options
+    return AuditSettings(file_path=path, hmac_key=SecretStr(KEY_TEXT), **values)
+
+
+def step(log: AuditLog, i: int) -> int:
+    return log.record(AuditAction.ROTATION_STEP, AuditOutcome.SUCCESS, ref=REF, details={"step": f"s{i}"}).seq
+
+
+def records(*paths: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for p in paths for line in p.read_bytes().splitlines()]
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+class TestRecording:
+    def test_receipts_follow_the_file(self, tmp_path: Path) -> None:
+        """Each record gets the next seq, and the receipt's hash is the one written."""
+        path = tmp_path / "audit.jsonl"
+        with AuditLog(settings(path)) as log:
+            receipts = [log.record(AuditAction.BROKER_STARTED, AuditOutcome.SUCCESS) for _ in range(3)]
+        written = records(path)
+        assert [r.seq for r in receipts] == [0, 1, 2]
+        assert [(w["seq"], w["hash"]) for w in written[:3]] == [(r.seq, r.hash) for r in receipts]
+
+    def test_missing_sink_is_a_config_error(self) -> None:
+        """With neither a file nor stdout there is nowhere to audit, so the log refuses to exist."""
+        with pytest.raises(ConfigError, match="sink"):
+            AuditLog(settings(None))
+
+    def test_missing_key_is_a_config_error(self, tmp_path: Path) -> None:
+        """Without an audit key the log refuses to start."""
+        with pytest.raises(ConfigError):
+            AuditLog(AuditSettings(file_path=tmp_path / "a.jsonl"))
+
+    def test_internal_actions_are_refused(self, tmp_path: Path) -> None:
+        """Callers cannot write checkpoints or recovery notes themselves."""
+        with AuditLog(settings(tmp_path / "a.jsonl")) as log, pytest.raises(ValueError):
+            log.record(AuditAction.AUDIT_CHECKPOINT, AuditOutcome.SUCCESS)
+
+    def test_concurrent_writers_form_one_chain(self, tmp_path: Path) -> None:
+        """Records from many threads get distinct seqs and one valid chain."""
+        path = tmp_path / "audit.jsonl"
+        seqs: list[int] = []
+        lock = threading.Lock()
+        with AuditLog(settings(path, checkpoint_every_records=25)) as log:
+
+            def work(n: int) -> None:
+                for i in range(40):
+                    seq = step(log, n * 100 + i)
+                    with lock:
+                        seqs.append(seq)
+
+            threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert len(set(seqs)) == 320
+        report = verify_chain([path], key=KEY)
+        assert report.ok, report.summary()
+        assert report.checkpoints >= 320 // 25
+
+    def test_async_record(self, tmp_path: Path) -> None:
+        """arecord writes under the same bound without blocking the event loop, concurrently."""
+        path = tmp_path / "audit.jsonl"
+
+        async def main(log: AuditLog) -> list[int]:
+            receipts = await asyncio.gather(
+                *(log.arecord(AuditAction.POLICY_RELOADED, "success", details={"n": i}) for i in range(50))
+            )
+            return [r.seq for r in receipts]
+
+        with AuditLog(settings(path)) as log:
+            seqs = asyncio.run(main(log))
+        assert sorted(seqs) == list(range(50))
+        assert verify_chain([path], key=KEY).ok
+
+    def test_metrics_count_records_per_sink(self, tmp_path: Path) -> None:
+        """audit_records{sink} counts every line written to each sink."""
+        metrics = Metrics()
+        out = io.BytesIO()
+        with AuditLog(settings(tmp_path / "a.jsonl", stdout=True), metrics=metrics, stdout=out) as log:
+            step(log, 1)
+        assert sample(metrics, "broker_audit_records_total", sink="file") == 2  # the record and the final checkpoint
+        assert sample(metrics, "broker_audit_records_total", sink="stdout") == 2
+
+
+class TestSinks:
+    def test_stdout_and_file_get_the_same_lines(self, tmp_path: Path) -> None:
+        """With both sinks, stdout carries byte-identical records."""
+        path = tmp_path / "audit.jsonl"
+        out = io.BytesIO()
+        with AuditLog(settings(path, stdout=True), stdout=out) as log:
+            for i in range(5):
+                step(log, i)
+        assert out.getvalue() == path.read_bytes()
+
+    def test_stdout_only(self) -> None:
+        """A stdout-only log writes a verifiable chain from genesis."""
+        out = io.BytesIO()
+        with AuditLog(settings(None, stdout=True), stdout=out) as log:
+            step(log, 1)
+        lines = out.getvalue().splitlines()
+        assert json.loads(lines[0])["seq"] == 0 and len(lines) == 2
+
+
+class TestCheckpoints:
+    def test_checkpoint_every_n_records(self, tmp_path: Path) -> None:
+        """A signed checkpoint follows every N records, carrying the count and the chain head."""
+        path = tmp_path / "audit.jsonl"
+        with AuditLog(settings(path, checkpoint_every_records=3)) as log:
+            for i in range(7):
+                step(log, i)
+        written = records(path)
+        checkpoints = [r for r in written if r["action"] == "audit.checkpoint"]
+        assert [c["seq"] for c in checkpoints] == [3, 7, 9]  # after 3, after 6 more, and the final one at close
+        for c in checkpoints:
+            assert c["details"] == {"count": c["seq"], "head": c["prev"]}
+            assert KEY.mac_ok(c) and c["key_id"] == KEY.key_id
+
+    def test_close_without_news_adds_no_checkpoint(self, tmp_path: Path) -> None:
+        """Closing right after a checkpoint (or a restart with nothing new) writes nothing."""
+        path = tmp_path / "audit.jsonl"
+        with AuditLog(settings(path)) as log:
+            step(log, 1)
+        size = path.stat().st_size
+        with AuditLog(settings(path)):
+            pass
+        assert path.stat().st_size == size
+
+
+class TestRestart:
+    def test_restart_continues_the_chain(self, tmp_path: Path) -> None:
+        """A new AuditLog on the same file links its first record to the last one on disk."""
+        path = tmp_path / "audit.jsonl"
+        for round_ in range(3):
+            with AuditLog(settings(path)) as log:
+                step(log, round_)
+        assert [r["seq"] for r in records(path)] == list(range(6))
+        assert verify_chain([path], key=KEY).ok
+
+    def test_restart_reads_only_the_tail(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Continuing a large file reads a bounded tail, not the whole file."""
+        path = tmp_path / "audit.jsonl"
+        with AuditLog(settings(path)) as log:
+            for i in range(3000):
+                step(log, i)
+        size = path.stat().st_size
+        read: list[int] = []
+        real_pread = os.pread
+
+        def counting_pread(fd: int, n: int, offset: int) -> bytes:
+            read.append(n)
+            return real_pread(fd, n, offset)
+
+        monkeypatch.setattr(writer_module.os, "pread", counting_pread)
+        with AuditLog(settings(path)) as log:
+            assert step(log, 0) == 3003  # 3000 records and 3 checkpoints before it
+        assert size > 1_000_000 and sum(read) <= 2 * 64 * 1024
+
+    def test_restart_after_rotation_with_the_file_gone(self, tmp_path: Path) -> None:
+        """If the live file is missing (crash right after rotating), the chain continues from the newest rotation."""
+        path = tmp_path / "audit.jsonl"
+        with AuditLog(settings(path, max_file_bytes=4096)) as log:
+            for i in range(40):
+                step(log, i)
+        newest = tmp_path / f"audit.jsonl.{records(path)[-1]['seq']:012d}"
+        path.rename(newest)  # renamed, and the process died before creating the new file
+        with AuditLog(settings(path, max_file_bytes=4096)) as log:
+            step(log, 99)
+        assert records(path)[0]["prev"] == records(newest)[-1]["hash"]
+        assert verify_chain([tmp_path], key=KEY).ok
+
+    def test_torn_tail_is_cut_and_reported(self, tmp_path: Path) -> None:
+        """A half-written last line (a crash mid-write, never acknowledged) is cut on start and reported."""
+        path = tmp_path / "audit.jsonl"
+        with AuditLog(settings(path)) as log:
+            step(log, 1)
+        with path.open("ab") as fh:
+            fh.write(b'{"action":"token.iss')
+        with AuditLog(settings(path)) as log:
+            step(log, 2)
+        written = records(path)
+        recovered = [r for r in written if r["action"] == "audit.recovered"]
+        assert len(recovered) == 1 and recovered[0]["details"]["truncated_bytes"] == 20
+        assert verify_chain([path], key=KEY).ok
+
+    def test_unreadable_last_line_fails_closed(self, tmp_path: Path) -> None:
+        """A complete but unreadable last line stops every write (AuditUnavailable) until someone looks."""
+        path = tmp_path / "audit.jsonl"
+        path.write_bytes(b"garbage\n")
+        metrics = Metrics()
+        with AuditLog(settings(path), metrics=metrics) as log, pytest.raises(AuditUnavailable, match="verify"):
+            step(log, 1)
+        assert sample(metrics, "broker_audit_failures_total", reason="corrupt") >= 1
+        assert path.read_bytes() == b"garbage\n"
+
+
+class TestRotation:
+    def test_rotation_keeps_one_chain(self, tmp_path: Path) -> None:
+        """Past max_file_bytes the file is renamed <name>.<last seq> and the chain runs on into the new file."""
+        path = tmp_path / "audit.jsonl"
+        with AuditLog(settings(path, max_file_bytes=4096)) as log:
+            for i in range(60):
+                step(log, i)
+        rotated = sorted(p for p in tmp_path.iterdir() if p != path)
+        assert len(rotated) >= 3
+        for older, newer in zip([*rotated, path], [*rotated, path][1:], strict=False):
+            last, first = records(older)[-1], records(newer)[0]
+            assert int(older.name.rsplit(".", 1)[1]) == last["seq"]
+            assert first["prev"] == last["hash"] and first["seq"] == last["seq"] + 1
+        assert all(p.stat().st_size <= 4096 for p in rotated)
+        assert verify_chain([tmp_path], key=KEY).ok
+
+    def test_files_are_private(self, tmp_path: Path) -> None:
+        """Audit files are created 0600."""
+        path = tmp_path / "audit.jsonl"
+        with AuditLog(settings(path)) as log:
+            step(log, 1)
+        assert path.stat().st_mode & 0o777 == 0o600
