@@ -152,14 +152,13 @@ class TestBlockedSink:
         reader = FifoReader(fd=read_fd).start()
         after = step(log, 999)
         log.close()
-        written = records(reader.join())
+        data = reader.join()
+        written = records(data)
         recovered = [r for r in written if r["action"] == "audit.recovered"]
         assert recovered and recovered[0]["details"]["unacknowledged_seqs"] == [last_ok + 1]
         assert after == last_ok + 3  # the late record, the note, then this one
         captured = tmp_path / "captured.jsonl"
-        captured.write_bytes(
-            b"".join(json.dumps(r, sort_keys=True, separators=(",", ":")).encode() + b"\n" for r in written)
-        )
+        captured.write_bytes(data)
         assert verify_chain([captured], key=KEY).ok
 
     def test_full_queue_fails_at_once(self, tmp_path: Path) -> None:
