@@ -9,18 +9,27 @@ secret, ever reaches the terminal.
 from __future__ import annotations
 
 import functools
+import json
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from broker import __version__
 from broker.client import DEFAULT_SA_TOKEN_FILE, BrokerClient, BrokerClientError, write_token_files
+from broker.engine.core import Engine, Outcome, find_desired
+from broker.engine.desired import DesiredIntegration, load_desired
 from broker.errors import BrokerError, ConfigError
+from broker.models import IntegrationRef
 from broker.settings import Settings, load_settings
 
 P = ParamSpec("P")
@@ -94,6 +103,8 @@ def config_cmd(ctx: click.Context) -> None:
 @click.option("--rate-limit-refill-per-second", type=click.FloatRange(min=0.001), default=1.0, show_default=True)
 @click.option("--admin-token", envvar="MSPC_SIMULATOR_ADMIN_TOKEN", default=None, help="Bearer token for /_sim/*.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.option("--tls-cert-file", type=click.Path(dir_okay=False), default=None, help="Serve HTTPS: PEM certificate.")
+@click.option("--tls-key-file", type=click.Path(dir_okay=False), default=None, help="Serve HTTPS: PEM private key.")
 @handle_errors
 def simulator_cmd(host: str, port: int, seed_path: str | None, state_path: str | None, **options: Any) -> None:
     """Run the MSPC OEM / Vendor API simulator (test controls under /_sim/)."""
@@ -334,6 +345,273 @@ def audit_query_cmd(
         out.flush()
     else:
         render_table(matches, Console(), limit=limit)
+
+
+# -- serve and the platform-team commands -------------------------------------------
+
+
+@cli.command("serve")
+@click.pass_context
+@handle_errors
+def serve_cmd(ctx: click.Context) -> None:
+    """Run the broker: HTTP API, reconcile loop, policy reload, audit trail."""
+    import uvicorn
+
+    from broker.api.app import create_app
+    from broker.log import configure_logging
+    from broker.runtime import Runtime
+
+    settings = settings_from(ctx)
+    configure_logging(settings.log.level, settings.log.format)
+    runtime = Runtime(settings)
+    app = create_app(runtime)
+    uvicorn.run(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.server.shutdown_grace_seconds),
+    )
+
+
+@dataclass
+class _EngineHandle:
+    engine: Engine
+    desired: list[DesiredIntegration]
+    closers: list[Callable[[], None]]
+
+    def close(self) -> None:
+        for closer in reversed(self.closers):
+            closer()
+
+
+def _engine(settings: Settings, *, audited: bool, desired_file: Path | None = None) -> _EngineHandle:
+    from broker.audit import AuditLog
+    from broker.engine.ports import NullAudit
+    from broker.metrics import Metrics
+    from broker.oem.client import HttpOemClient
+    from broker.stores.factory import build_store
+
+    metrics = Metrics()
+    store = build_store(settings, metrics=metrics)
+    closers: list[Callable[[], None]] = [store.close]
+    oem = HttpOemClient(settings.oem, metrics=metrics)
+    closers.append(oem.close)
+    audit: Any = NullAudit()
+    if audited:
+        log = AuditLog(settings.audit, metrics=metrics).start()
+        closers.append(log.close)
+        audit = log
+    path = desired_file or settings.engine.desired_file
+    desired = load_desired(path) if path else []
+    return _EngineHandle(Engine(settings, store, oem, audit=audit, metrics=metrics), desired, closers)
+
+
+def _ref_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option("--vendor", "vendor_id", required=True, help="MSPC vendorId.")(func)
+    return click.option("--org", "organization_id", required=True, help="MSPC organizationId.")(func)
+
+
+def _outcome_table(outcomes: list[Outcome], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("organization", "vendor", "result", "version", "code", "orphans"):
+        table.add_column(column)
+    for o in sorted(outcomes, key=lambda o: (o.ref.organization_id, o.ref.vendor_id)):
+        style = "" if o.ok else "red"
+        table.add_row(
+            o.ref.organization_id,
+            o.ref.vendor_id,
+            o.action,
+            o.version or "-",
+            o.code or "",
+            str(o.orphans),
+            style=style,
+        )
+    return table
+
+
+def _outcome_json(o: Outcome) -> dict[str, Any]:
+    return {
+        "organization_id": o.ref.organization_id,
+        "vendor_id": o.ref.vendor_id,
+        "result": o.action,
+        "ok": o.ok,
+        "version": o.version,
+        "code": o.code,
+        "message": o.message,
+        "orphans": o.orphans,
+    }
+
+
+@cli.command("provision")
+@click.option("--desired", "desired_file", type=click.Path(path_type=Path, dir_okay=False), help="Desired YAML.")
+@click.option("--org", "organization_id", help="Provision only this organization (with --vendor).")
+@click.option("--vendor", "vendor_id", help="Provision only this vendor (with --org).")
+@click.option("--concurrency", type=click.IntRange(1, 256), default=None, help="Parallel sagas.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
+@click.pass_context
+@handle_errors
+def provision_cmd(
+    ctx: click.Context,
+    desired_file: Path | None,
+    organization_id: str | None,
+    vendor_id: str | None,
+    concurrency: int | None,
+    as_json: bool,
+) -> None:
+    """Reconcile desired integrations once: provision missing keys, rotate old ones, retire expired ones."""
+    settings = settings_from(ctx)
+    handle = _engine(settings, audited=True, desired_file=desired_file)
+    try:
+        items = handle.desired
+        if organization_id or vendor_id:
+            if not (organization_id and vendor_id):
+                fail("error INVALID_INPUT: give both --org and --vendor", 2)
+            items = [find_desired(items, IntegrationRef(str(organization_id), str(vendor_id)))]
+        if not items:
+            fail("error INVALID_INPUT: nothing to provision: pass --desired FILE or --org/--vendor", 2)
+        console = Console(stderr=True)
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=as_json or not console.is_terminal,
+        ) as progress:
+            task = progress.add_task("reconciling", total=len(items))
+            outcomes = handle.engine.reconcile_all(
+                items, progress=lambda _o: progress.advance(task), concurrency=concurrency
+            )
+        if as_json:
+            for o in outcomes:
+                click.echo(json.dumps(_outcome_json(o)))
+        else:
+            Console().print(_outcome_table(outcomes, f"reconciled {len(outcomes)} integrations"))
+        if any(not o.ok for o in outcomes):
+            sys.exit(1)
+    finally:
+        handle.close()
+
+
+def _one(ctx: click.Context, organization_id: str, vendor_id: str, op: str, as_json: bool, **kw: Any) -> None:
+    settings = settings_from(ctx)
+    handle = _engine(settings, audited=True)
+    try:
+        ref = IntegrationRef(organization_id, vendor_id)
+        desired = find_desired(handle.desired, ref)
+        engine = handle.engine
+        if op == "rotate":
+            outcome = engine.rotate(desired, grace_seconds=kw.get("grace_seconds"))
+        elif op == "rollback":
+            outcome = engine.rollback(ref, grace_seconds=desired.grace_seconds)
+        else:
+            outcome = engine.revoke(desired)
+        if as_json:
+            click.echo(json.dumps(_outcome_json(outcome)))
+        else:
+            Console().print(_outcome_table([outcome], op))
+        if not outcome.ok:
+            sys.exit(1)
+    finally:
+        handle.close()
+
+
+@cli.command("rotate")
+@_ref_option
+@click.option("--grace-seconds", type=click.IntRange(min=0), default=None, help="Override the grace period.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def rotate_cmd(
+    ctx: click.Context, organization_id: str, vendor_id: str, grace_seconds: int | None, as_json: bool
+) -> None:
+    """Rotate a partner key now (new key -> pending -> probe -> current; old key kept for the grace)."""
+    _one(ctx, organization_id, vendor_id, "rotate", as_json, grace_seconds=grace_seconds)
+
+
+@cli.command("rollback")
+@_ref_option
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def rollback_cmd(ctx: click.Context, organization_id: str, vendor_id: str, as_json: bool) -> None:
+    """Promote the previous partner key back to current (only while it is not revoked)."""
+    _one(ctx, organization_id, vendor_id, "rollback", as_json)
+
+
+@cli.command("revoke")
+@_ref_option
+@click.option("--yes", is_flag=True, help="Confirm: the old key stops working at once.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def revoke_cmd(ctx: click.Context, organization_id: str, vendor_id: str, yes: bool, as_json: bool) -> None:
+    """Break glass: rotate with zero grace and revoke the old key at the OEM at once."""
+    if not yes:
+        fail("error INVALID_INPUT: revoke breaks every token built from the current key; add --yes", 2)
+    _one(ctx, organization_id, vendor_id, "revoke", as_json)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@cli.command("status")
+@click.option("--desired", "desired_file", type=click.Path(path_type=Path, dir_okay=False), help="Desired YAML.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def status_cmd(ctx: click.Context, desired_file: Path | None, as_json: bool) -> None:
+    """A table of desired integrations: versions, key age, next rotation, state, orphans (no secrets)."""
+    settings = settings_from(ctx)
+    handle = _engine(settings, audited=False, desired_file=desired_file)
+    try:
+        rows = [handle.engine.status(d) for d in handle.desired]
+    finally:
+        handle.close()
+    now = time.time()
+    if as_json:
+        for r in rows:
+            click.echo(
+                json.dumps(
+                    {
+                        "organization_id": r.ref.organization_id,
+                        "vendor_id": r.ref.vendor_id,
+                        "state": r.state,
+                        "current_version": r.current_version,
+                        "pending_version": r.pending_version,
+                        "previous_version": r.previous_version,
+                        "key_age_seconds": r.key_age_seconds,
+                        "next_rotation_at": r.next_rotation_at,
+                        "retiring": [x.model_dump() for x in r.retiring],
+                        "orphans": [x.model_dump() for x in r.orphans],
+                        "last_error": r.last_error,
+                    }
+                )
+            )
+        return
+    table = Table(title=f"{len(rows)} integrations ({settings.store.backend})")
+    for column in ("organization", "vendor", "current", "key age", "next rotation", "state", "orphans"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            r.ref.organization_id,
+            r.ref.vendor_id,
+            r.current_version or "-",
+            _age(r.key_age_seconds),
+            ("in " + _age(r.next_rotation_at - now)) if r.next_rotation_at else "-",
+            r.state + (f" ({r.last_error})" if r.last_error else ""),
+            str(len(r.orphans)),
+        )
+    Console().print(table)
 
 
 def main() -> None:

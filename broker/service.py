@@ -61,6 +61,7 @@ class AuditPort(Protocol):
         principal: Principal | None = None,
         ref: IntegrationRef | None = None,
         rule_id: str | None = None,
+        reason: str | None = None,
         details: Mapping[str, Any] | None = None,
         secrets: Mapping[str, SecretStr] | None = None,
     ) -> Any: ...
@@ -117,20 +118,22 @@ class BrokerService:
                 raise AuthenticationFailed("missing bearer token (Authorization: Bearer <service-account token>)")
             return self._auth.authenticate(bearer)
         except AuthenticationFailed as exc:
-            await self._audit.arecord("auth.failed", "denied", details={"code": exc.code, "reason": exc.message})
+            await self._audit.arecord("auth.failed", "failure", reason=exc.message, details={"error_code": exc.code})
             raise
 
     async def authorize(self, principal: Principal, action: str, ref: IntegrationRef | None) -> Decision:
         """Decide, audit a denial, raise ``PolicyDenied``; return the allowing decision."""
         decision = self._policy.decide(principal, action, ref)
         if not decision.allowed:
+            is_token = action == TOKEN_ISSUE
             await self._audit.arecord(
-                "policy.denied" if action != TOKEN_ISSUE else "token.denied",
+                "token.denied" if is_token else "admin.action",
                 "denied",
                 principal=principal,
                 ref=ref,
                 rule_id=decision.rule_id,
-                details={"action": action, "reason": decision.reason},
+                reason=decision.reason,
+                details={"error_code": PolicyDenied.code} if is_token else {"operation": action},
             )
             if action == TOKEN_ISSUE:
                 self._metrics.tokens_denied.labels(code=PolicyDenied.code).inc()
@@ -218,7 +221,8 @@ class BrokerService:
             principal=principal,
             ref=ref,
             rule_id=decision.rule_id,
-            details={"code": code, "reason": why},
+            reason=why,
+            details={"error_code": code},
         )
 
     # -- admin ---------------------------------------------------------------------
@@ -245,12 +249,12 @@ class BrokerService:
         decision = await self.authorize(principal, INTEGRATION_PROVISION, item.ref)
         new = self.desired.add(item)
         await self._audit.arecord(
-            "admin.integration_added",
+            "admin.action",
             "success",
             principal=principal,
             ref=item.ref,
             rule_id=decision.rule_id,
-            details={"new": new},
+            details={"operation": "add_integration", "new": new},
         )
         return await self._engine_call(principal, decision, "provision", self._engine.provision, item)
 
@@ -260,8 +264,12 @@ class BrokerService:
 
     async def rollback(self, principal: Principal, ref: IntegrationRef) -> Outcome:
         decision = await self.authorize(principal, INTEGRATION_ROTATE, ref)
-        self._desired_or_404(ref)
-        return await self._engine_call(principal, decision, "rollback", self._engine.rollback, ref)
+        desired = self._desired_or_404(ref)
+
+        def rollback(ref: IntegrationRef) -> Outcome:
+            return self._engine.rollback(ref, grace_seconds=desired.grace_seconds)
+
+        return await self._engine_call(principal, decision, "rollback", rollback, ref)
 
     async def revoke(self, principal: Principal, ref: IntegrationRef) -> Outcome:
         decision = await self.authorize(principal, INTEGRATION_REVOKE, ref)
@@ -275,20 +283,25 @@ class BrokerService:
             outcome = await asyncio.to_thread(func, arg)
         except BrokerError as exc:
             await self._audit.arecord(
-                f"admin.{name}",
+                "admin.action",
                 "failure",
                 principal=principal,
                 ref=ref,
                 rule_id=decision.rule_id,
-                details={"code": exc.code},
+                details={"operation": name, "error_code": exc.code},
             )
             raise
         await self._audit.arecord(
-            f"admin.{name}",
+            "admin.action",
             "success" if outcome.ok else "failure",
             principal=principal,
             ref=ref,
             rule_id=decision.rule_id,
-            details={"result": outcome.action, "version": outcome.version, "code": outcome.code},
+            details={
+                "operation": name,
+                "result": outcome.action,
+                "partner_key_version": outcome.version,
+                "error_code": outcome.code,
+            },
         )
         return outcome

@@ -282,6 +282,9 @@ class ServerSettings(_Group):
 
     host: str = Field("127.0.0.1", description="Listen address.")
     port: int = Field(8080, ge=0, le=65535, description="Listen port (0 = pick a free one).")
+    shutdown_grace_seconds: float = Field(
+        20.0, gt=0, description="On SIGTERM, wait this long for in-flight requests to finish, in seconds."
+    )
     readiness_max_age_seconds: float = Field(
         30.0, gt=0, description="/readyz fails if a backend was last reached longer ago, in seconds."
     )

@@ -66,10 +66,19 @@ from broker.models import IntegrationRef, SecretInfo, SecretValue, Stage
 from broker.mspc_token import compose
 from broker.settings import Settings
 from broker.stores.base import SecretStore
+from broker.stores.factory import partner_key_path, vendor_key_path
 
 log = get_logger("engine")
 
 StepHook = Callable[[str, IntegrationRef], None]
+
+_STEP_ACTION = {
+    "provision": "provision.step",
+    "rotate": "rotation.step",
+    "sweep": "provision.step",
+    "rollback": "rollback.step",
+    "revoke": "revoke.step",
+}
 
 STEPS = (
     "intent_recorded",
@@ -150,9 +159,7 @@ class Engine:
     # -- paths -------------------------------------------------------------
 
     def partner_path(self, ref: IntegrationRef) -> str:
-        return self._settings.store.partner_key_path_template.format(
-            organization_id=ref.organization_id, vendor_id=ref.vendor_id
-        )
+        return partner_key_path(self._settings, ref)
 
     def state_path(self, ref: IntegrationRef) -> str:
         return self._settings.engine.state_path_template.format(
@@ -160,7 +167,7 @@ class Engine:
         )
 
     def vendor_path(self, vendor_id: str) -> str:
-        return self._settings.store.vendor_key_path_template.format(vendor_id=vendor_id)
+        return vendor_key_path(self._settings, vendor_id)
 
     # -- small helpers -----------------------------------------------------
 
@@ -168,8 +175,29 @@ class Engine:
         if self._on_step is not None:
             self._on_step(name, ref)
 
-    def _emit(self, action: str, outcome: str, ref: IntegrationRef, **details: Any) -> None:
-        self._audit.record(action, outcome, ref=ref, details={k: v for k, v in details.items() if v is not None})
+    def _emit(self, op: str, step: str, outcome: str, ref: IntegrationRef, **details: Any) -> None:
+        """One audit record per saga step (``provision.step``, ``rotation.step`` ...)."""
+        action = _STEP_ACTION.get(op, "provision.step")
+        fields = {k: v for k, v in details.items() if v is not None}
+        fields["step"] = step
+        # Best effort: the state record already holds every step, and failing
+        # here (between the OEM answer and the key write) would orphan a key.
+        try:
+            self._audit.record(action, outcome, ref=ref, details=fields)
+        except BrokerError as exc:
+            log.error("audit record lost", action=action, step=step, ref=str(ref), code=exc.code)
+
+    def _orphan(self, ref: IntegrationRef, integration_id: str, *, revoked: bool, reason: str) -> None:
+        try:
+            self._audit.record(
+                "orphan.detected",
+                "failure",
+                ref=ref,
+                reason=reason,
+                details={"integration_id": integration_id, "revoked": revoked},
+            )
+        except BrokerError as exc:
+            log.error("audit record lost", action="orphan.detected", ref=str(ref), code=exc.code)
 
     def _count(self, kind: str, outcome: str) -> None:
         if self._metrics is not None:
@@ -190,10 +218,10 @@ class Engine:
         """The vendor key inside a vendor-key secret (``store.vendor_key_field``, or its only field)."""
         name = self._settings.store.vendor_key_field
         if name in value.data:
-            return value.field(name)
-        if len(value.data) == 1:
+            return value.data[name]
+        if name == "" and len(value.data) == 1:
             return next(iter(value.data.values()))
-        return value.field(name)
+        raise SecretNotFound(f"vendor key {value.path} version {value.version} has no field {name!r}")
 
     def _grace(self, desired: DesiredIntegration | None) -> int:
         if desired is not None and desired.grace_seconds is not None:
@@ -210,11 +238,14 @@ class Engine:
 
     # -- intents -----------------------------------------------------------
 
-    def _acquire(self, ref: IntegrationRef, op: str, grace_seconds: int) -> tuple[Loaded, Intent | None]:
+    def _acquire(
+        self, ref: IntegrationRef, op: str, grace_seconds: int, expected_current: str | None = None
+    ) -> tuple[Loaded, Intent | None]:
         """CAS-record an intent; returns (state, stale intent taken over or None).
 
-        Raises ``Conflict`` if a live intent is held by somebody else or the
-        CAS lost.
+        Raises ``Conflict`` if a live intent is held by somebody else, the CAS
+        lost, or ``current`` is no longer ``expected_current`` (somebody else
+        already rotated the key this caller meant to replace).
         """
         path = self.state_path(ref)
         loaded = load_state(self._store, path)
@@ -225,13 +256,16 @@ class Engine:
                 raise Conflict(f"{ref}: a {state.intent.op} by {state.intent.owner} is in progress")
             taken_over = state.intent
         info = self._describe(self.partner_path(ref))
+        current = info.stages.get(Stage.CURRENT) if info else None
+        if expected_current is not None and current != expected_current and taken_over is None:
+            raise Conflict(f"{ref}: current is {current}, not {expected_current}: already rotated")
         now = self._clock()
         state.intent = Intent(
             op=op,
             owner=self.owner,
             started_at=now,
             updated_at=now,
-            old_current=(info.stages.get(Stage.CURRENT) if info else None),
+            old_current=current,
             grace_seconds=grace_seconds,
         )
         if taken_over is not None:
@@ -275,13 +309,13 @@ class Engine:
                 return value
         return None
 
-    def _run(self, ref: IntegrationRef, op: str, grace_seconds: int) -> Outcome:
-        loaded, taken_over = self._acquire(ref, op, grace_seconds)
+    def _run(self, ref: IntegrationRef, op: str, grace_seconds: int, expected_current: str | None = None) -> Outcome:
+        loaded, taken_over = self._acquire(ref, op, grace_seconds, expected_current)
         intent = loaded.state.intent
         assert intent is not None
         ppath = self.partner_path(ref)
         if taken_over is not None:
-            self._emit("intent.taken_over", "success", ref, stale_intent=taken_over.id, op=taken_over.op)
+            self._emit(taken_over.op, "intent_taken_over", "success", ref, stale_intent_id=taken_over.id)
             found = self._find_intent_version(ref, taken_over)
             if found is not None:
                 # The crashed run stored its key: adopt its id so the stored
@@ -306,12 +340,12 @@ class Engine:
 
             self._close(ref, loaded, failed)
             self._count(op, "oem_error")
-            self._emit(f"{op}.oem_create", "failure", ref, code=exc.code, orphan_suspected=ambiguous)
+            self._emit(op, "oem_create", "failure", ref, error_code=exc.code, orphan_suspected=ambiguous)
             raise
         self._step("oem_created", ref)
-        self._emit(f"{op}.oem_create", "success", ref, integration_id=created.integration_id)
+        self._emit(op, "oem_created", "success", ref, integration_id=created.integration_id)
         if created.possible_duplicate:
-            self._emit("orphan.suspected", "warning", ref, reason="create retried after an ambiguous failure")
+            self._emit(op, "orphan_suspected", "failure", ref, reason="create retried after an ambiguous failure")
 
         info = self._describe(ppath)
         data = {
@@ -321,7 +355,7 @@ class Engine:
         }
         written = self._write_with_retry(ppath, data, info, intent.id)
         self._step("key_stored", ref)
-        self._emit(f"{op}.key_stored", "success", ref, version=written, integration_id=created.integration_id)
+        self._emit(op, "key_stored", "success", ref, partner_key_version=written, integration_id=created.integration_id)
         value = self._store.read(ppath, version=written)
         if created.possible_duplicate:
             loaded = save_state(
@@ -383,7 +417,9 @@ class Engine:
         self._step("intent_closed", ref)
         kind = "provision" if op == "provision" else "rotate"
         self._count(kind, "success")
-        self._emit(f"{op}.promoted", "success", ref, version=version, previous=old_current, resumed=resumed)
+        self._emit(
+            op, "promoted", "success", ref, partner_key_version=version, previous_version=old_current, resumed=resumed
+        )
         log.info("partner key promoted", ref=str(ref), op=op, version=version, resumed=resumed)
         orphans = 0
         if loaded.state.orphan_check:
@@ -412,7 +448,9 @@ class Engine:
         self._close(ref, loaded, failed)
         kind = "provision" if intent.op == "provision" else "rotate"
         self._count(kind, "probe_failed")
-        self._emit(f"{intent.op}.probe", "failure", ref, code=exc.code, version=value.version, rolled_back=True)
+        self._emit(
+            intent.op, "probe", "failure", ref, error_code=exc.code, partner_key_version=value.version, rolled_back=True
+        )
         log.warning("probe failed; pending discarded, current untouched", ref=str(ref), code=exc.code)
         return Outcome(ref, "probe_failed", ok=False, version=value.version, code=exc.code, message=exc.message)
 
@@ -432,10 +470,10 @@ class Engine:
         except NotFound:
             return True
         except BrokerError as exc:
-            self._emit("integration.revoke", "failure", ref, integration_id=integration_id, code=exc.code)
+            self._emit("revoke", "oem_revoke", "failure", ref, integration_id=integration_id, error_code=exc.code)
             return False
         self._step("revoked", ref)
-        self._emit("integration.revoke", "success", ref, integration_id=integration_id)
+        self._emit("revoke", "oem_revoked", "success", ref, integration_id=integration_id)
         return True
 
     # -- public operations ---------------------------------------------------
@@ -447,12 +485,21 @@ class Engine:
             return Outcome(desired.ref, "unchanged", version=info.stages[Stage.CURRENT])
         return self._run(desired.ref, "provision", self._grace(desired))
 
-    def rotate(self, desired: DesiredIntegration, *, grace_seconds: int | None = None) -> Outcome:
-        """Replace the current partner key now (the old one stays valid for the grace period)."""
+    def rotate(
+        self, desired: DesiredIntegration, *, grace_seconds: int | None = None, expected_current: str | None = None
+    ) -> Outcome:
+        """Replace the current partner key now (the old one stays valid for the grace period).
+
+        With ``expected_current``, rotate only if that version is still
+        current: several callers asking to replace the same key (replicas,
+        repeated commands) produce exactly one rotation; the others get
+        ``Conflict``.
+        """
         grace = self._grace(desired) if grace_seconds is None else grace_seconds
         info = self._describe(self.partner_path(desired.ref))
-        op = "rotate" if info is not None and info.stages.get(Stage.CURRENT) else "provision"
-        return self._run(desired.ref, op, grace)
+        current = info.stages.get(Stage.CURRENT) if info is not None else None
+        op = "rotate" if current else "provision"
+        return self._run(desired.ref, op, grace, expected_current)
 
     def revoke(self, desired: DesiredIntegration) -> Outcome:
         """Break glass: rotate with zero grace and revoke the old key at once."""
@@ -462,8 +509,12 @@ class Engine:
         self.retire_due(desired.ref, force=True)
         return Outcome(desired.ref, "revoked", version=outcome.version, orphans=outcome.orphans)
 
-    def rollback(self, ref: IntegrationRef) -> Outcome:
-        """Promote ``previous`` back to ``current`` if it has not been revoked yet."""
+    def rollback(self, ref: IntegrationRef, *, grace_seconds: int | None = None) -> Outcome:
+        """Promote ``previous`` back to ``current`` if it has not been revoked yet.
+
+        The demoted key stays valid for ``grace_seconds`` (default: the
+        setting), like a key replaced by rotation.
+        """
         ppath = self.partner_path(ref)
         spath = self.state_path(ref)
         info = self._describe(ppath)
@@ -481,7 +532,7 @@ class Engine:
             self._on_key_change(ref)
         demoted_id = self._integration_id(ppath, current)
         now = self._clock()
-        grace = self._settings.engine.grace_seconds
+        grace = self._settings.engine.grace_seconds if grace_seconds is None else grace_seconds
         for _ in range(5):
             state = loaded.state.model_copy(deep=True)
             state.retiring = [r for r in state.retiring if r.version != previous]
@@ -493,7 +544,7 @@ class Engine:
             except Conflict:
                 loaded = load_state(self._store, spath)
         self._count("rotate", "rolled_back")
-        self._emit("rollback", "success", ref, version=previous, demoted=current)
+        self._emit("rollback", "promoted", "success", ref, partner_key_version=previous, demoted_version=current)
         return Outcome(ref, "rolled_back", version=previous)
 
     def retire_due(self, ref: IntegrationRef, *, force: bool = False) -> int:
@@ -517,7 +568,14 @@ class Engine:
                     self._store.move_stage(ppath, Stage.PREVIOUS, None, expected=item.version)
             done.append(item)
             self._step("retired", ref)
-            self._emit("key.retired", "success", ref, version=item.version, integration_id=item.integration_id)
+            self._emit(
+                "revoke",
+                "retired",
+                "success",
+                ref,
+                partner_key_version=item.version,
+                integration_id=item.integration_id,
+            )
         if done:
             versions = {d.version for d in done}
             for _ in range(5):
@@ -558,7 +616,7 @@ class Engine:
             return 0
         known = self.known_integration_ids(ref)
         known.update(r.integration_id for r in loaded.state.retiring)
-        listed = self._oem.list_integrations(ref)
+        listed = self._oem.list_integrations(ref.organization_id)
         already = {o.integration_id for o in loaded.state.orphans}
         found: list[Orphan] = []
         for item in listed:
@@ -568,7 +626,7 @@ class Engine:
             found.append(Orphan(integration_id=item.integration_id, detected_at=self._clock(), revoked=revoked))
             if self._metrics is not None:
                 self._metrics.orphans.labels(action="revoked" if revoked else "reported").inc()
-            self._emit("orphan.detected", "warning", ref, integration_id=item.integration_id, revoked=revoked)
+            self._orphan(ref, item.integration_id, revoked=revoked, reason="listed at the OEM, no stored key")
 
         def closed(state: IntegrationState) -> None:
             state.orphans.extend(found)
@@ -576,6 +634,13 @@ class Engine:
 
         self._close(ref, loaded, closed)
         return len(found)
+
+    def _key_since(self, info: SecretInfo | None, current: str | None, state: IntegrationState) -> float:
+        """When the current key took office: the engine's own promotion time, else the store's created_at."""
+        if state.last_rotation_at is not None:
+            return state.last_rotation_at
+        created = next((v.created_at for v in info.versions if v.version == current), None) if info else None
+        return created.timestamp() if created else self._clock()
 
     # -- reconcile -----------------------------------------------------------
 
@@ -589,12 +654,12 @@ class Engine:
             if loaded.state.intent is not None and not self._stale(loaded.state.intent):
                 return Outcome(ref, "busy", message=f"{loaded.state.intent.op} by {loaded.state.intent.owner}")
             if current is None or loaded.state.intent is not None:
-                outcome = self._run(ref, "provision" if current is None else "rotate", self._grace(desired))
+                op = "provision" if current is None else "rotate"
+                outcome = self._run(ref, op, self._grace(desired), current)
             else:
-                created = next((v.created_at for v in info.versions if v.version == current), None) if info else None
-                age = self._clock() - created.timestamp() if created else 0.0
+                age = self._clock() - self._key_since(info, current, loaded.state)
                 if age >= self._max_age(desired):
-                    outcome = self._run(ref, "rotate", self._grace(desired))
+                    outcome = self._run(ref, "rotate", self._grace(desired), current)
                 else:
                     outcome = Outcome(ref, "unchanged", version=current)
                     if loaded.state.orphan_check:
@@ -646,8 +711,9 @@ class Engine:
         if info is not None and current is not None:
             created = next((v.created_at for v in info.versions if v.version == current), None)
         now = self._clock()
-        age = now - created.timestamp() if created else None
-        next_rotation = created.timestamp() + self._max_age(desired) if created else None
+        since = self._key_since(info, current, st) if current else None
+        age = now - since if since is not None else None
+        next_rotation = since + self._max_age(desired) if since is not None else None
         if st.intent is not None:
             state = f"{st.intent.op}-in-progress" + (" (stale)" if self._stale(st.intent) else "")
         elif current is None:

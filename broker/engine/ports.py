@@ -43,7 +43,7 @@ class OemPort(Protocol):
 
     def create_external_integration(self, ref: IntegrationRef) -> CreatedIntegrationLike: ...
 
-    def list_integrations(self, ref: IntegrationRef) -> Sequence[ListedIntegrationLike]: ...
+    def list_integrations(self, organization_id: str | None = None) -> Sequence[ListedIntegrationLike]: ...
 
     def revoke_integration(self, integration_id: str) -> None: ...
 
@@ -59,6 +59,7 @@ class AuditPort(Protocol):
         outcome: str,
         *,
         ref: IntegrationRef | None = None,
+        reason: str | None = None,
         details: Mapping[str, Any] | None = None,
         secrets: Mapping[str, SecretStr] | None = None,
     ) -> Any: ...
@@ -73,6 +74,7 @@ class NullAudit:
         outcome: str,
         *,
         ref: IntegrationRef | None = None,
+        reason: str | None = None,
         details: Mapping[str, Any] | None = None,
         secrets: Mapping[str, SecretStr] | None = None,
     ) -> None:

@@ -65,7 +65,9 @@ class VendorKeyWatcher:
                 changed.append(vendor_id)
                 log.info("vendor key changed", vendor_id=vendor_id, old_version=old, new_version=version)
                 self._audit.record(
-                    "vendor_key.changed", "success", details={"vendor_id": vendor_id, "old": old, "new": version}
+                    "vendor_key.version_changed",
+                    "success",
+                    details={"vendor_id": vendor_id, "old_version": old, "new_version": version},
                 )
                 if self._on_change is not None:
                     self._on_change(vendor_id, old, version)
