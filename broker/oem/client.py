@@ -285,6 +285,11 @@ class HttpOemClient:
             except httpx.TransportError as exc:
                 if isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.ProxyError)):
                     raise OemError(f"{operation}: cannot send the request ({type(exc).__name__})") from None
+                if _tls_verification_failed(exc):
+                    raise OemError(
+                        f"{operation}: the OEM's TLS certificate was not trusted; check BROKER_OEM__CA_BUNDLE_PATH "
+                        "and the OEM host name"
+                    ) from None
                 ambiguous = ambiguous or isinstance(exc, AMBIGUOUS_TRANSPORT_ERRORS)
                 last = type(exc).__name__
                 retry_after = None
@@ -396,6 +401,18 @@ class HttpOemClient:
 
     def _measure(self, operation: str) -> _Measure:
         return _Measure(self._metrics, operation, self._clock)
+
+
+def _tls_verification_failed(exc: BaseException) -> bool:
+    """True if a transport error was caused by certificate verification (retrying will not help)."""
+    cause: BaseException | None = exc
+    for _ in range(5):
+        if cause is None:
+            return False
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _opt_str(value: Any) -> str | None:

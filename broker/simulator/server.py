@@ -9,6 +9,7 @@ from typing import Any
 
 import uvicorn
 
+from broker.errors import ConfigError
 from broker.log import configure_logging
 from broker.simulator.app import Simulator, SimulatorConfig
 from broker.simulator.control import FaultSpec, RateLimitSpec
@@ -26,8 +27,17 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def uvicorn_config(app: Simulator, *, log_level: str = "warning", access_log: bool = False) -> uvicorn.Config:
-    """The uvicorn configuration used by the CLI and the test helpers."""
+def uvicorn_config(
+    app: Simulator,
+    *,
+    log_level: str = "warning",
+    access_log: bool = False,
+    tls_cert_file: Path | None = None,
+    tls_key_file: Path | None = None,
+) -> uvicorn.Config:
+    """The uvicorn configuration used by the CLI and the test helpers (HTTPS with a cert and key)."""
+    if (tls_cert_file is None) != (tls_key_file is None):
+        raise ConfigError("give both a TLS certificate file and its key file, or neither")
     return uvicorn.Config(
         app,
         log_level=log_level,
@@ -35,6 +45,8 @@ def uvicorn_config(app: Simulator, *, log_level: str = "warning", access_log: bo
         lifespan="off",
         timeout_graceful_shutdown=1,
         timeout_keep_alive=5,
+        ssl_certfile=str(tls_cert_file) if tls_cert_file else None,
+        ssl_keyfile=str(tls_key_file) if tls_key_file else None,
     )
 
 
@@ -47,15 +59,24 @@ def serve(
     config: SimulatorConfig,
     announce: Callable[[str], None] = print,
     log_level: str = "info",
+    tls_cert_file: Path | None = None,
+    tls_key_file: Path | None = None,
 ) -> None:
     """Serve until SIGINT / SIGTERM; ``announce`` gets one line naming the URL."""
     simulator = Simulator(load_seed(seed_path), config, state_path)
+    uv_config = uvicorn_config(
+        simulator,
+        log_level=log_level,
+        access_log=log_level == "debug",
+        tls_cert_file=tls_cert_file,
+        tls_key_file=tls_key_file,
+    )
     sock = bind_socket(host, port)
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host
-    announce(f"MSPC simulator listening on http://{shown_host}:{bound_port}")
-    server = uvicorn.Server(uvicorn_config(simulator, log_level=log_level, access_log=log_level == "debug"))
-    server.run(sockets=[sock])
+    scheme = "https" if tls_cert_file else "http"
+    announce(f"MSPC simulator listening on {scheme}://{shown_host}:{bound_port}")
+    uvicorn.Server(uv_config).run(sockets=[sock])
 
 
 def config_from_options(
@@ -109,6 +130,8 @@ def serve_from_options(
     state_path: str | None,
     log_level: str = "info",
     announce: Callable[[str], None] = print,
+    tls_cert_file: str | None = None,
+    tls_key_file: str | None = None,
     **options: Any,
 ) -> None:
     """The ``broker simulator`` command: configure logging, then ``serve``."""
@@ -121,4 +144,6 @@ def serve_from_options(
         config=config_from_options(**options),
         announce=announce,
         log_level=log_level,
+        tls_cert_file=Path(tls_cert_file) if tls_cert_file else None,
+        tls_key_file=Path(tls_key_file) if tls_key_file else None,
     )

@@ -11,7 +11,10 @@ handle with the ``/_sim`` controls.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
 import os
+import ssl
 import sys
 import tempfile
 import threading
@@ -37,6 +40,7 @@ __all__ = [
     "SimulatorProcess",
     "SimulatorThread",
     "fingerprint",
+    "self_signed_certificate",
     "start_simulator_process",
     "start_simulator_thread",
 ]
@@ -49,19 +53,23 @@ class SimulatorHandle:
     url: str
     seed: Seed
     admin_token: str | None = None
+    ca_file: Path | None = None
+
+    def _verify(self) -> ssl.SSLContext | bool:
+        return ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else True
 
     def _admin(self, method: str, path: str, json: Any = None) -> Any:
         headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
-        response = httpx.request(
-            method, f"{self.url}/_sim/{path}", json=json, headers=headers, timeout=ADMIN_TIMEOUT_SECONDS
-        )
+        with httpx.Client(verify=self._verify(), timeout=ADMIN_TIMEOUT_SECONDS, trust_env=False) as client:
+            response = client.request(method, f"{self.url}/_sim/{path}", json=json, headers=headers)
         response.raise_for_status()
         return response.json()
 
     def health(self) -> bool:
         """True if the simulator answers ``GET /_sim/health``."""
         try:
-            return httpx.get(f"{self.url}/_sim/health", timeout=1.0).status_code == 200
+            with httpx.Client(verify=self._verify(), timeout=1.0, trust_env=False) as client:
+                return client.get(f"{self.url}/_sim/health").status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -193,9 +201,15 @@ def start_simulator_thread(
     admin_token: str | None = None,
     host: str = "127.0.0.1",
     port: int = 0,
+    tls_cert_file: Path | None = None,
+    tls_key_file: Path | None = None,
     timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
 ) -> SimulatorThread:
-    """Run the simulator under uvicorn in a background thread; return once it answers."""
+    """Run the simulator under uvicorn in a background thread; return once it answers.
+
+    With ``tls_cert_file`` / ``tls_key_file`` it serves HTTPS, and the handle
+    trusts that certificate (see ``self_signed_certificate``).
+    """
     if seed is None:
         seed = load_seed(seed_path)
     config = SimulatorConfig(
@@ -206,15 +220,17 @@ def start_simulator_thread(
         admin_token=admin_token,
     )
     simulator = Simulator(seed, config, state_path)
+    uv_config = uvicorn_config(simulator, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file)
     sock = bind_socket(host, port)
     bound_port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn_config(simulator))
+    server = uvicorn.Server(uv_config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="mspc-simulator", daemon=True)
     thread.start()
     handle = SimulatorThread(
-        url=f"http://{host}:{bound_port}",
+        url=f"{'https' if tls_cert_file else 'http'}://{host}:{bound_port}",
         seed=seed,
         admin_token=admin_token,
+        ca_file=tls_cert_file,
         simulator=simulator,
         _server=server,
         _thread=thread,
@@ -243,6 +259,8 @@ def start_simulator_process(
     admin_token: str | None = None,
     port: int | None = None,
     workdir: Path | None = None,
+    tls_cert_file: Path | None = None,
+    tls_key_file: Path | None = None,
     timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
 ) -> SimulatorProcess:
     """Start ``python -m broker simulator`` on a free loopback port; return once it answers."""
@@ -254,13 +272,17 @@ def start_simulator_process(
         argv += ["--seed", str(seed_path)]
     if state_path is not None:
         argv += ["--state", str(state_path)]
+    if tls_cert_file is not None and tls_key_file is not None:
+        argv += ["--tls-cert-file", str(tls_cert_file), "--tls-key-file", str(tls_key_file)]
     argv += list(extra_args)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     if admin_token is not None:
         env["MSPC_SIMULATOR_ADMIN_TOKEN"] = admin_token
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls_cert_file else 'http'}://127.0.0.1:{port}"
     server = _spawn("mspc-simulator", argv, url, env, workdir)
-    handle = SimulatorProcess(url=url, seed=load_seed(seed_path), admin_token=admin_token, server=server, argv=argv)
+    handle = SimulatorProcess(
+        url=url, seed=load_seed(seed_path), admin_token=admin_token, ca_file=tls_cert_file, server=server, argv=argv
+    )
     try:
         _wait_ready(server, handle.health, timeout_seconds)
     except ServerStartError:
@@ -268,3 +290,40 @@ def start_simulator_process(
             server.stop()
         raise
     return handle
+
+
+def self_signed_certificate(directory: Path, host: str = "127.0.0.1", days: int = 2) -> tuple[Path, Path]:
+    """Write a self-signed certificate for ``host`` (IP or DNS name) and its key; return (cert, key) paths."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    try:
+        alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        alt = x509.DNSName(host)
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path = directory / "simulator-cert.pem"
+    key_path = directory / "simulator-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path

@@ -6,6 +6,7 @@ import io
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from broker.errors import (
     IntegrationNotFound,
     NotFound,
     OemConflict,
+    OemError,
     OemInvalidClient,
     OemInvalidScope,
     OemOutcomeUnknown,
@@ -27,7 +29,7 @@ from broker.mspc_token import compose
 from broker.oem import HttpOemClient
 from broker.settings import OemSettings
 from broker.simulator import RateLimitSpec, load_seed, parse_seed
-from broker.testing.simulator import SimulatorThread, fingerprint, start_simulator_thread
+from broker.testing.simulator import SimulatorThread, fingerprint, self_signed_certificate, start_simulator_thread
 
 CONTOSO_ACME = IntegrationRef("org-contoso", "vendor-acme")
 ACME_KEY = SecretStr("acme-vendor-key-dev")
@@ -295,6 +297,30 @@ class TestVendorApiEndToEnd:
         client.revoke_integration(created.integration_id)
         with pytest.raises(OemRejectedToken, match="PARTNER_KEY_REVOKED"):
             client.probe_vendor_api(token)
+
+
+class TestTls:
+    def test_https_with_ca_bundle_and_untrusted(self, tmp_path: Path) -> None:
+        """Over HTTPS the client works with the CA bundle; without it, it fails at once naming the setting."""
+        cert, key = self_signed_certificate(tmp_path)
+        sim = start_simulator_thread(tls_cert_file=cert, tls_key_file=key)
+        try:
+            common: dict[str, Any] = {
+                "base_url": sim.url,
+                "client_id": "dev-client",
+                "client_secret": SecretStr("dev-client-secret"),
+                "backoff_base_seconds": 0.01,
+            }
+            with HttpOemClient(OemSettings(**common, ca_bundle_path=cert)) as trusted:
+                assert trusted.create_external_integration(CONTOSO_ACME).possible_duplicate is False
+            start = time.monotonic()
+            with HttpOemClient(OemSettings(**common)) as untrusted, pytest.raises(OemError) as info:
+                untrusted.list_integrations()
+            assert "BROKER_OEM__CA_BUNDLE_PATH" in info.value.message
+            assert time.monotonic() - start < 1.0
+            assert sim.request_counts() == {"integration.create": 1}
+        finally:
+            sim.stop()
 
 
 class TestSecrecy:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from broker.simulator import RateLimitSpec, load_seed, parse_seed
 from broker.testing.simulator import (
     SimulatorThread,
     fingerprint,
+    self_signed_certificate,
     start_simulator_process,
     start_simulator_thread,
 )
@@ -744,3 +746,36 @@ class TestProcess:
             assert gone.json()["code"] == "PARTNER_KEY_REVOKED"
         finally:
             proc.stop()
+
+    def test_cli_fault_options_tls_and_admin_token(self, tmp_path: Path, canary: str) -> None:
+        """CLI fault options, HTTPS and the admin-token variable take effect in the subprocess."""
+        cert, key = self_signed_certificate(tmp_path / "tls")
+        proc = start_simulator_process(
+            workdir=tmp_path,
+            tls_cert_file=cert,
+            tls_key_file=key,
+            admin_token=canary,
+            extra_args=[
+                "--error-rate",
+                "1",
+                "--error-status",
+                "502",
+                "--fault-endpoint",
+                "vendor.list",
+                "--fault-requests",
+                "1",
+            ],
+        )
+        try:
+            assert proc.url.startswith("https://")
+            assert f"MSPC simulator listening on {proc.url}" in proc.log_tail()
+            with httpx.Client(
+                base_url=proc.url, verify=ssl.create_default_context(cafile=str(cert)), timeout=5.0
+            ) as http:
+                codes = [send(http, "POST", "/api/oem-api/vendor", MANAGE).status_code for _ in range(2)]
+                assert http.get("/_sim/integrations").status_code == 401
+            assert codes == [502, 200]
+            assert proc.request_counts() == {"vendor.list": 2}
+        finally:
+            proc.stop()
+        assert canary not in proc.log_tail(100_000)

@@ -240,6 +240,12 @@ class TestErrorMapping:
         with pytest.raises(ConfigError, match="BROKER_OEM__CLIENT_ID"):
             HttpOemClient(OemSettings(base_url="https://oem.example"))
 
+    def test_missing_ca_bundle_is_config_error(self, tmp_path: Any) -> None:
+        """An unreadable CA bundle fails at construction, naming the setting."""
+        settings = OemSettings(client_id="c", client_secret=SecretStr("s"), ca_bundle_path=tmp_path / "none.pem")
+        with pytest.raises(ConfigError, match="BROKER_OEM__CA_BUNDLE_PATH"):
+            HttpOemClient(settings)
+
     def test_bad_base_url_is_config_error(self) -> None:
         """A base URL that is not http(s) is refused at construction."""
         with pytest.raises(ConfigError, match="BROKER_OEM__BASE_URL"):
