@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -106,7 +107,14 @@ def summarize_details(record: Mapping[str, Any], width: int = 80) -> str:
 
 def render_table(matches: Iterable[tuple[bytes, Mapping[str, Any]]], console: Console, *, limit: int) -> int:
     """Print up to ``limit`` matches as a table (``--json`` streams without limit); return the count shown."""
-    table = Table("seq", "ts", "action", "outcome", "subject", "org/vendor", "rule", "details", show_lines=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 200)  # piped: no terminal to fit, keep rows on one line
+    table = Table(box=box.SIMPLE_HEAD)
+    for name in ("seq", "ts", "action", "outcome"):
+        table.add_column(name, no_wrap=True)
+    for name in ("subject", "org/vendor", "rule"):
+        table.add_column(name, overflow="fold")
+    table.add_column("details", overflow="fold", ratio=1)
     shown = 0
     more = False
     for _raw, record in matches:
@@ -116,7 +124,7 @@ def render_table(matches: Iterable[tuple[bytes, Mapping[str, Any]]], console: Co
         pair = f"{record.get('organization_id')}/{record.get('vendor_id')}" if record.get("organization_id") else ""
         table.add_row(
             str(record.get("seq")),
-            str(record.get("ts")),
+            str(record.get("ts", ""))[:19].replace("T", " "),
             str(record.get("action")),
             str(record.get("outcome")),
             record.get("subject") or "",
@@ -126,5 +134,7 @@ def render_table(matches: Iterable[tuple[bytes, Mapping[str, Any]]], console: Co
         )
         shown += 1
     console.print(table)
-    console.print(f"{shown} record(s)" + (" shown; more match (raise --limit or use --json)" if more else ""))
+    console.print(
+        f"{shown} record(s)" + (" shown; more match (raise --limit or use --json)" if more else ""), highlight=False
+    )
     return shown
