@@ -33,6 +33,7 @@ from broker.errors import InvalidMspcToken
 from broker.log import get_logger
 from broker.mspc_token import parse as parse_mspc_token
 from broker.simulator.control import (
+    ENDPOINTS,
     DuplicateMode,
     Faults,
     FaultSpec,
@@ -305,6 +306,7 @@ class Simulator:
         ]
         routes: list[Route] = []
         by_path: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {}
+        assert {entry[2] for entry in api} == ENDPOINTS, "endpoint names out of sync with control.ENDPOINTS"
         for path, method, endpoint, handler in api:
             by_path.setdefault(path, {})[method] = self._api(endpoint, handler)
         for path, methods in by_path.items():

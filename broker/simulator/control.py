@@ -15,9 +15,27 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 REQUEST_LOG_MAX_ENTRIES = 10_000
+
+# Endpoint names, as used in the request log, counts and fault specs.
+ENDPOINTS = frozenset(
+    {
+        "organization.create",
+        "organization.delete",
+        "user.create",
+        "user.delete",
+        "vendor.list",
+        "integration.create",
+        "integration.list",
+        "integration.revoke",
+        "vendor_api.accounts.create",
+        "vendor_api.accounts.list",
+        "vendor_api.services.create",
+        "vendor_api.status",
+    }
+)
 
 
 class FaultSpec(BaseModel):
@@ -36,6 +54,13 @@ class FaultSpec(BaseModel):
     lose_response: bool = Field(False, description="Handle the request, then drop the connection unanswered.")
     endpoint: str | None = Field(None, description="Only requests to this endpoint name.")
     requests: int | None = Field(None, ge=1, description="Only the next N matching requests.")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _known_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and value not in ENDPOINTS:
+            raise ValueError(f"unknown endpoint; use one of {', '.join(sorted(ENDPOINTS))}")
+        return value
 
 
 @dataclass

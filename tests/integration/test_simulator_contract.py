@@ -635,9 +635,10 @@ class TestFaults:
         assert sim.requests("integration.create")[0]["outcome"] == "dropped"
         assert send(http, "POST", "/api/oem-api/integration", EXTERNAL).status_code == 201
 
-    def test_bad_fault_spec_is_400(self, http: httpx.Client) -> None:
-        """The admin endpoint validates fault specs."""
-        response = http.post("/_sim/faults", json={"error_rate": 2})
+    @pytest.mark.parametrize("spec", [{"error_rate": 2}, {"endpoint": "integration.crate"}, {"surprise": 1}])
+    def test_bad_fault_spec_is_400(self, http: httpx.Client, spec: dict[str, Any]) -> None:
+        """The admin endpoint refuses out-of-range values, unknown endpoint names and unknown fields."""
+        response = http.post("/_sim/faults", json=spec)
         assert response.status_code == 400
 
 
