@@ -166,6 +166,9 @@ class JwksKeys:
         self._attempted_at: float | None = None
         self._last_error: str | None = None
         self._lock = threading.Lock()
+        self._token_origins = {_origin(settings.issuer)} | (
+            {_origin(settings.jwks_url)} if settings.jwks_url else set()
+        )
         self.fetches = 0
 
     def candidates(self, kid: str | None, algorithm: str) -> tuple[VerificationKey, ...]:
@@ -259,10 +262,23 @@ class JwksKeys:
         self._jwks_url = jwks_uri
         return jwks_uri
 
+    def _headers(self, url: str) -> dict[str, str]:
+        """Accept JSON; add the broker's bearer token, but only for the configured issuer / JWKS hosts."""
+        headers = {"Accept": "application/json"}
+        path = self._settings.jwks_token_path
+        if path is not None and _origin(url) in self._token_origins:
+            try:
+                headers["Authorization"] = "Bearer " + path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise _Rejected(
+                    "issuer_unavailable", f"cannot read jwks_token_path {path}: {exc.strerror}", unavailable=True
+                ) from None
+        return headers
+
     def _get_json(self, url: str, what: str) -> object:
         """GET ``url`` and parse at most ``MAX_DOCUMENT_BYTES`` of JSON."""
         try:
-            with self._client.stream("GET", url, headers={"Accept": "application/json"}) as response:
+            with self._client.stream("GET", url, headers=self._headers(url)) as response:
                 if response.status_code != 200:
                     raise _Rejected(
                         "issuer_unavailable", f"{what} GET {url} answered HTTP {response.status_code}", unavailable=True
@@ -280,6 +296,11 @@ class JwksKeys:
             return json.loads(body)
         except ValueError:
             raise _Rejected("issuer_unavailable", f"{what} at {url} is not JSON", unavailable=True) from None
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parsed = httpx.URL(url)
+    return parsed.scheme, parsed.host, parsed.port
 
 
 class _VerifiedCache:
@@ -309,9 +330,6 @@ class _VerifiedCache:
             self._entries.move_to_end(digest)
             while len(self._entries) > self._size:
                 self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float | None:
@@ -381,6 +399,10 @@ def _principal_from_claims(claims: Mapping[str, Any], expires_at: float | None) 
     )
 
 
+def _strip_bearer(bearer: object) -> str:
+    return _BEARER_PREFIX.sub("", bearer, count=1).strip() if isinstance(bearer, str) else ""
+
+
 def _ssl_context(ca_bundle_path: Path | None) -> ssl.SSLContext:
     if ca_bundle_path is None:
         return ssl.create_default_context()
@@ -444,14 +466,17 @@ class Authenticator:
 
     def authenticate(self, bearer: str) -> Principal:
         """Verify a bearer token (with or without the ``Bearer `` prefix) and return its principal."""
-        token = _BEARER_PREFIX.sub("", bearer, count=1).strip() if isinstance(bearer, str) else ""
+        token = _strip_bearer(bearer)
+        raw = token.encode("utf-8", "surrogatepass")
         now = self._clock()
         try:
-            if not token:
+            if not raw:
                 raise _Rejected("malformed", "no bearer token")
-            if len(token.encode("utf-8", errors="replace")) > self.settings.max_token_bytes:
+            if len(raw) > self.settings.max_token_bytes:
                 raise _Rejected("too_large", f"token larger than {self.settings.max_token_bytes} bytes")
-            digest = hashlib.sha256(token.encode("utf-8")).digest()
+            if not raw.isascii():
+                raise _Rejected("malformed", "malformed token: not ASCII")
+            digest = hashlib.sha256(raw).digest()
             cached = self._cache.get(digest, now)
             if cached is not None:
                 return cached
@@ -470,6 +495,11 @@ class Authenticator:
 
     async def authenticate_async(self, bearer: str) -> Principal:
         """``authenticate`` for async callers: cache hits inline, verification in a worker thread."""
+        raw = _strip_bearer(bearer).encode("utf-8", "surrogatepass")
+        if 0 < len(raw) <= self.settings.max_token_bytes:
+            cached = self._cache.get(hashlib.sha256(raw).digest(), self._clock())
+            if cached is not None:
+                return cached
         return await asyncio.to_thread(self.authenticate, bearer)
 
     def _retry_after(self) -> float:

@@ -201,6 +201,11 @@ class IdentitySettings(_Group):
         Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
         description="The broker's own service-account token, read at each TokenReview call.",
     )
+    jwks_token_path: Path | None = Field(
+        None,
+        description="Bearer token file for discovery / JWKS on the issuer's own host (in-cluster: the broker's "
+        "service-account token); unset = anonymous.",
+    )
 
 
 class PolicySettings(_Group):

@@ -19,19 +19,26 @@ Both are test helpers shipped so users can test their own workloads::
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
+import ipaddress
 import json
+import ssl
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Literal
 
 import jwt
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
 
 KeyAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
 JwksFault = Literal["none", "garbage", "error", "empty"]
@@ -90,6 +97,76 @@ class SigningKey:
         return pem
 
 
+@dataclass(frozen=True)
+class LoopbackTls:
+    """A throw-away CA and a server certificate for 127.0.0.1 / localhost (PEM bytes)."""
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+    @classmethod
+    def generate(cls, valid_seconds: int = 24 * 3600) -> LoopbackTls:
+        now = datetime.datetime.now(datetime.UTC)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mspc-broker test CA")])
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(seconds=valid_seconds))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(seconds=valid_seconds))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        return cls(
+            ca_pem=ca_cert.public_bytes(serialization.Encoding.PEM),
+            cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+            key_pem=key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
+
+    def write_ca(self, path: Path) -> Path:
+        """Write the CA certificate (what clients trust) to ``path``; returns it."""
+        path.write_bytes(self.ca_pem)
+        return path
+
+    def server_context(self) -> ssl.SSLContext:
+        """A server-side TLS context holding the certificate and key."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        with tempfile.TemporaryDirectory(prefix="loopback-tls-") as tmp:
+            chain, key = Path(tmp) / "chain.pem", Path(tmp) / "key.pem"
+            chain.write_bytes(self.cert_pem + self.ca_pem)
+            key.write_bytes(self.key_pem)
+            context.load_cert_chain(chain, key)
+        return context
+
+
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -98,8 +175,13 @@ class _QuietServer(ThreadingHTTPServer):
 class _LoopbackHttp:
     """A threaded ``http.server`` on 127.0.0.1 whose handler is one method."""
 
-    def __init__(self, handle: Callable[[str, str, bytes, Mapping[str, str]], tuple[int, bytes]]) -> None:
+    def __init__(
+        self,
+        handle: Callable[[str, str, bytes, Mapping[str, str]], tuple[int, bytes]],
+        tls: LoopbackTls | None = None,
+    ) -> None:
         self._handle = handle
+        self.tls = tls
         self._server: _QuietServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -125,6 +207,8 @@ class _LoopbackHttp:
                 return
 
         self._server = _QuietServer(("127.0.0.1", port), Handler)
+        if self.tls is not None:
+            self._server.socket = self.tls.server_context().wrap_socket(self._server.socket, server_side=True)
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.05,), name="loopback-http", daemon=True
@@ -141,8 +225,8 @@ class _LoopbackHttp:
             self._thread = None
 
     @property
-    def running(self) -> bool:
-        return self._server is not None
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
 
 class DevIssuer:
@@ -152,20 +236,33 @@ class DevIssuer:
     exactly as against a cluster whose issuer is discoverable; pass another
     value to mimic ``https://kubernetes.default.svc.cluster.local`` (clients
     then use ``jwks_url`` directly). Counters ``jwks_requests`` and
-    ``discovery_requests`` count what clients fetched.
+    ``discovery_requests`` count what clients fetched (``unauthorized_requests``
+    what was refused for a missing token). ``tls=True`` serves
+    HTTPS with a throw-away CA (``tls.ca_pem``); ``required_token`` makes
+    discovery and JWKS answer 401 without that bearer token, as a cluster
+    does by default (only service accounts may read them).
     """
 
     def __init__(
-        self, *, algorithm: KeyAlgorithm = "RS256", issuer: str | None = None, private_key: PrivateKey | None = None
+        self,
+        *,
+        algorithm: KeyAlgorithm = "RS256",
+        issuer: str | None = None,
+        private_key: PrivateKey | None = None,
+        tls: bool = False,
+        required_token: str | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._keys: dict[str, SigningKey] = {}
         self._published: list[str] = []
         self._current: str = ""
         self._issuer_override = issuer
-        self._http = _LoopbackHttp(self._handle)
+        self.tls = LoopbackTls.generate() if tls else None
+        self.required_token = required_token
+        self._http = _LoopbackHttp(self._handle, self.tls)
         self.jwks_requests = 0
         self.discovery_requests = 0
+        self.unauthorized_requests = 0
         self.jwks_fault: JwksFault = "none"
         self.add_key(algorithm, private_key=private_key)
 
@@ -190,8 +287,8 @@ class DevIssuer:
 
     @property
     def url(self) -> str:
-        """Base URL of the HTTP server."""
-        return f"http://127.0.0.1:{self._http.port}"
+        """Base URL of the HTTP(S) server."""
+        return self._http.url
 
     @property
     def issuer(self) -> str:
@@ -337,8 +434,12 @@ class DevIssuer:
             dict(payload), key.private_key, algorithm=key.algorithm, headers={"kid": key.kid, **(headers or {})}
         )
 
-    def _handle(self, method: str, path: str, _body: bytes, _headers: Mapping[str, str]) -> tuple[int, bytes]:
+    def _handle(self, method: str, path: str, _body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
         path = path.split("?", 1)[0]
+        if self.required_token is not None and _bearer(headers) != self.required_token:
+            with self._lock:
+                self.unauthorized_requests += 1
+            return 401, b'{"kind": "Status", "status": "Failure", "message": "Unauthorized", "code": 401}'
         if method == "GET" and path == "/.well-known/openid-configuration":
             with self._lock:
                 self.discovery_requests += 1
@@ -357,6 +458,11 @@ class DevIssuer:
         return 404, b'{"message": "not found"}'
 
 
+def _bearer(headers: Mapping[str, str]) -> str | None:
+    value = {k.lower(): v for k, v in headers.items()}.get("authorization", "")
+    return value[7:] if value.startswith("Bearer ") else None
+
+
 class TokenReviewServer:
     """A fake ``POST /apis/authentication.k8s.io/v1/tokenreviews`` backed by a ``DevIssuer``.
 
@@ -369,11 +475,13 @@ class TokenReviewServer:
 
     PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 
-    def __init__(self, issuer: DevIssuer, *, reviewer_token: str) -> None:
+    def __init__(self, issuer: DevIssuer, *, reviewer_token: str, tls: bool = False) -> None:
         self.issuer = issuer
         self.reviewer_token = reviewer_token
         self.requests = 0
-        self._http = _LoopbackHttp(self._handle)
+        self._lock = threading.Lock()
+        self.tls = LoopbackTls.generate() if tls else None
+        self._http = _LoopbackHttp(self._handle, self.tls)
 
     def start(self, port: int = 0) -> TokenReviewServer:
         self._http.start(port)
@@ -390,7 +498,7 @@ class TokenReviewServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._http.port}"
+        return self._http.url
 
     def _review(self, token: str, audiences: list[str]) -> dict[str, Any]:
         keys = {k["kid"]: k for k in self.issuer.jwks()["keys"]}
@@ -423,9 +531,9 @@ class TokenReviewServer:
     def _handle(self, method: str, path: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
         if method != "POST" or path.split("?", 1)[0] != self.PATH:
             return 404, b'{"message": "not found"}'
-        self.requests += 1
-        auth = {k.lower(): v for k, v in headers.items()}.get("authorization", "")
-        if auth != f"Bearer {self.reviewer_token}":
+        with self._lock:
+            self.requests += 1
+        if _bearer(headers) != self.reviewer_token:
             return 401, b'{"kind": "Status", "status": "Failure", "message": "Unauthorized", "code": 401}'
         try:
             review = json.loads(body)
@@ -442,6 +550,7 @@ __all__ = [
     "DevIssuer",
     "JwksFault",
     "KeyAlgorithm",
+    "LoopbackTls",
     "PrivateKey",
     "SigningKey",
     "TokenReviewServer",

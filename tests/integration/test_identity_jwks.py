@@ -9,6 +9,7 @@ import hmac
 import io
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -134,9 +135,14 @@ class TestAuthenticatorAccepts:
         assert (issuer.discovery_requests, issuer.jwks_requests) == (0, 1)
 
     def test_async_variant(self, issuer: DevIssuer, auth: Authenticator, clock: FakeClock) -> None:
-        """authenticate_async gives the same principal as authenticate."""
+        """authenticate_async gives the same principal as authenticate and uses the same cache."""
         token = issuer.mint("billing", "invoicer", issued_at=clock())
-        assert asyncio.run(auth.authenticate_async(token)).subject == "billing/invoicer"
+
+        async def twice() -> list[str]:
+            return [(await auth.authenticate_async(token)).subject for _ in range(2)]
+
+        assert asyncio.run(twice()) == ["billing/invoicer"] * 2
+        assert auth.verifications == 1
 
 
 class TestAttacks:
@@ -403,3 +409,50 @@ class TestVerifiedCache:
             assert auth.verifications == 3
             auth.authenticate(tokens[0])
             assert auth.verifications == 4
+
+
+class TestTransport:
+    def test_https_issuer_with_ca_bundle(self, rsa_key: PrivateKey, clock: FakeClock, tmp_path: Path) -> None:
+        """Discovery and JWKS over HTTPS work when the issuer's CA is configured."""
+        with DevIssuer(private_key=rsa_key, tls=True) as issuer:
+            assert issuer.tls is not None and issuer.url.startswith("https://")
+            ca = issuer.tls.write_ca(tmp_path / "ca.pem")
+            with _authenticator(issuer, clock, jwks_ca_bundle_path=ca) as auth:
+                assert auth.authenticate(issuer.mint("billing", "invoicer", issued_at=clock())).namespace == "billing"
+
+    def test_https_issuer_not_trusted_without_its_ca(self, rsa_key: PrivateKey, clock: FakeClock) -> None:
+        """An HTTPS issuer whose certificate does not verify is unavailable, never trusted."""
+        with DevIssuer(private_key=rsa_key, tls=True) as issuer, _authenticator(issuer, clock) as auth:
+            with pytest.raises(IdentityUnavailable, match="issuer unreachable"):
+                auth.authenticate(issuer.mint("billing", "invoicer", issued_at=clock()))
+            assert issuer.discovery_requests == 0
+
+    def test_bearer_token_for_protected_discovery(self, rsa_key: PrivateKey, clock: FakeClock, tmp_path: Path) -> None:
+        """An issuer that wants a service-account token (a cluster's default) gets the one in jwks_token_path."""
+        token_file = tmp_path / "token"
+        token_file.write_text("broker-own-sa-token\n")
+        with DevIssuer(private_key=rsa_key, required_token="broker-own-sa-token") as issuer:
+            with _authenticator(issuer, clock) as anonymous, pytest.raises(IdentityUnavailable, match="HTTP 401"):
+                anonymous.authenticate(issuer.mint("billing", "invoicer", issued_at=clock()))
+            with _authenticator(issuer, clock, jwks_token_path=token_file) as auth:
+                assert auth.authenticate(issuer.mint("billing", "invoicer", issued_at=clock())).namespace == "billing"
+
+    def test_bearer_token_not_sent_to_other_hosts(
+        self, rsa_key: PrivateKey, clock: FakeClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A discovered jwks_uri on another host never receives the broker's own token."""
+        token_file = tmp_path / "token"
+        token_file.write_text("broker-own-sa-token")
+        with DevIssuer(private_key=rsa_key) as issuer, DevIssuer(required_token="broker-own-sa-token") as elsewhere:
+            document = {**issuer.discovery(), "jwks_uri": elsewhere.jwks_url}
+            monkeypatch.setattr(issuer, "discovery", lambda: document)
+            with (
+                _authenticator(issuer, clock, jwks_token_path=token_file) as auth,
+                pytest.raises(IdentityUnavailable, match="HTTP 401"),
+            ):
+                auth.authenticate(issuer.mint("billing", "invoicer", issued_at=clock()))
+            assert elsewhere.unauthorized_requests == 1 and elsewhere.jwks_requests == 0
+
+    def test_non_ascii_bearer(self, auth: Authenticator) -> None:
+        """Any string, lone surrogates included, is refused as malformed rather than crashing."""
+        _refused(auth, "\ud800.\u00e9.x", "malformed token")

@@ -94,3 +94,14 @@ class TestTokenReviewMode:
         with pytest.raises(AuthenticationFailed, match="token larger than"):
             auth.authenticate("x" * 10_000)
         assert review_server.requests == 0
+
+    def test_https_api_server(self, issuer: DevIssuer, tmp_path: Path) -> None:
+        """TokenReview over HTTPS verifies the API server with tokenreview_ca_bundle_path."""
+        with TokenReviewServer(issuer, reviewer_token=REVIEWER_TOKEN, tls=True) as server:
+            assert server.tls is not None
+            ca = server.tls.write_ca(tmp_path / "ca.crt")
+            settings = _settings(server, tmp_path).model_copy(update={"tokenreview_ca_bundle_path": ca})
+            with Authenticator(settings) as auth:
+                assert auth.authenticate(issuer.mint("billing", "invoicer")).subject == "billing/invoicer"
+            with Authenticator(_settings(server, tmp_path)) as untrusting, pytest.raises(IdentityUnavailable):
+                untrusting.authenticate(issuer.mint("billing", "invoicer"))
