@@ -16,6 +16,8 @@ from typing import Annotated, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from broker.models import IDENTIFIER_PATTERN
+
 ACTIONS: tuple[str, ...] = (
     "token:issue",
     "integration:read",
@@ -33,7 +35,6 @@ _ACTION_CHARS = "a-z:"
 _RULE_ID = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _SERVICE_ACCOUNT = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def _glob_pattern(chars: str) -> re.Pattern[str]:
@@ -139,7 +140,7 @@ def _subject(value: str) -> str:
 
 
 def _identifier(value: str) -> str:
-    if not _IDENTIFIER.fullmatch(value) or ".." in value:
+    if not IDENTIFIER_PATTERN.fullmatch(value) or ".." in value:
         raise ValueError(f"{value!r} is not a valid organization / vendor id")
     return value
 
