@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import re
 import ssl
 import threading
@@ -288,7 +289,7 @@ class JwksKeys:
                     body += chunk
                     if len(body) > MAX_DOCUMENT_BYTES:
                         raise _Rejected("issuer_unavailable", f"{what} at {url} is too large", unavailable=True)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise _Rejected(
                 "issuer_unavailable", f"issuer unreachable: {what} GET {url}: {type(exc).__name__}", unavailable=True
             ) from None
@@ -336,7 +337,7 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise _Rejected("claims", f"claim {name} is not a number")
     return float(value)
 
@@ -640,8 +641,10 @@ class Authenticator:
             claims = jwt.decode(token, options={"verify_signature": False})
         except jwt.PyJWTError:
             return None
-        exp = claims.get("exp")
-        return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+        try:
+            return _number(claims, "exp")
+        except _Rejected:
+            return None
 
 
 __all__ = [

@@ -188,6 +188,14 @@ class TestAttacks:
         _refused(auth, token, "token expired")
         assert _failures(metrics, "expired") == 1
 
+    @pytest.mark.parametrize("exp", [float("inf"), float("nan"), "never", True, None])
+    def test_exp_must_be_a_finite_number(
+        self, issuer: DevIssuer, auth: Authenticator, clock: FakeClock, exp: object
+    ) -> None:
+        """A signed token whose exp is missing, infinite, NaN or not a number is refused (it would never expire)."""
+        token = issuer.mint("billing", "invoicer", issued_at=clock(), claims={"exp": exp})
+        _refused(auth, token, "missing claim: exp" if exp is None else "claim exp is not a number")
+
     def test_not_yet_valid(self, issuer: DevIssuer, auth: Authenticator, clock: FakeClock) -> None:
         """A token whose nbf lies beyond the clock skew is refused."""
         token = issuer.mint("billing", "invoicer", issued_at=clock(), claims={"nbf": clock() + 120})
