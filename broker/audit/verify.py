@@ -69,7 +69,7 @@ def expand_paths(paths: Iterable[Path]) -> list[Path]:
     for path in paths:
         if path.is_dir():
             for child in sorted(path.iterdir()):
-                if ".jsonl" in child.name and child.is_file():
+                if ".jsonl" in child.name and not child.name.endswith(".lock") and child.is_file():
                     out[child] = None
         else:
             out[path] = None

@@ -24,6 +24,9 @@ Consistency rules:
   makes every write fail until somebody looks (``broker audit verify``).
 - Past ``max_file_bytes`` the file is renamed to ``<name>.<last seq, 12
   digits>`` and a new one started; the chain runs on across files.
+- One writer per file: a ``.<name>.lock`` beside it is flock-ed for the
+  log's lifetime; a second writer (another process or ``AuditLog``) fails
+  closed with ``AuditUnavailable`` instead of forking the chain.
 - Non-regular files (a FIFO, a character device) and stdout are written
   but never read: such a chain starts at the genesis record on each start.
 """
@@ -33,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import queue
@@ -160,6 +164,10 @@ class TailCorrupt(Exception):
     """The last complete line of an audit file is not a record this log can continue from."""
 
 
+class SinkLocked(Exception):
+    """Another writer (process or ``AuditLog``) holds the audit file: two writers would fork the chain."""
+
+
 def _errname(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         return errno.errorcode.get(exc.errno, str(exc.errno))
@@ -248,6 +256,7 @@ class AuditLog:
         self._stopping = False
         # Writer-thread state below: touched only by the writer thread.
         self._fd: int | None = None
+        self._lock_fd: int | None = None
         self._regular = False
         self._size = 0
         self._good: tuple[tuple[int, int], int] | None = None  # ((dev, inode), last acknowledged offset)
@@ -453,6 +462,7 @@ class AuditLog:
                 _log.error("audit_writer_bug", error=type(exc).__name__)
                 self._fail(batch, "internal", exc)
         self._close_file()
+        self._release_lock()
 
     def _drain(self, batch: list[_Request]) -> None:
         """Add whatever else is queued (up to a batch), noting a stop request."""
@@ -474,6 +484,10 @@ class AuditLog:
             return
         try:
             self._ensure_open()
+        except SinkLocked as exc:
+            self._drain(requests)
+            self._fail(requests, "locked", exc, str(exc))
+            return
         except TailCorrupt as exc:
             self._drain(requests)
             self._fail(requests, "corrupt", exc, f"{exc}; run `broker audit verify`")
@@ -608,6 +622,7 @@ class AuditLog:
 
     def _open_file(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock(path)
         try:
             mode = os.stat(path).st_mode
         except FileNotFoundError:
@@ -701,6 +716,26 @@ class AuditLog:
         st = os.fstat(fd)
         self._fd, self._regular, self._size = fd, True, 0
         self._good = ((st.st_dev, st.st_ino), 0)
+
+    def _lock(self, path: Path) -> None:
+        """Hold ``.<name>.lock`` beside the file while this log lives: one writer per chain."""
+        if self._lock_fd is not None:
+            return
+        fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SinkLocked(
+                f"{path} is in use by another audit writer; give each process its own audit file_path"
+            ) from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _close_file(self) -> None:
         if self._fd is not None:

@@ -235,13 +235,26 @@ class TestRotation:
         with AuditLog(settings(path, max_file_bytes=4096)) as log:
             for i in range(60):
                 step(log, i)
-        rotated = sorted(p for p in tmp_path.iterdir() if p != path)
+        rotated = sorted(tmp_path.glob("audit.jsonl.*"))
         assert len(rotated) >= 3
         for older, newer in zip([*rotated, path], [*rotated, path][1:], strict=False):
             last, first = records(older)[-1], records(newer)[0]
             assert int(older.name.rsplit(".", 1)[1]) == last["seq"]
             assert first["prev"] == last["hash"] and first["seq"] == last["seq"] + 1
         assert all(p.stat().st_size <= 4096 for p in rotated)
+        assert verify_chain([tmp_path], key=KEY).ok
+
+    def test_second_writer_fails_closed(self, tmp_path: Path) -> None:
+        """A second writer on the same file gets AuditUnavailable instead of forking the chain;
+        once the first closes, it can take over and continue the chain."""
+        path = tmp_path / "audit.jsonl"
+        first = AuditLog(settings(path)).start()
+        step(first, 1)
+        with AuditLog(settings(path)) as second:
+            with pytest.raises(AuditUnavailable, match="another audit writer"):
+                step(second, 2)
+            first.close()
+            assert step(second, 3) == 3  # after the first log's record and its final checkpoint
         assert verify_chain([tmp_path], key=KEY).ok
 
     def test_files_are_private(self, tmp_path: Path) -> None:

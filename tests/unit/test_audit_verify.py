@@ -59,7 +59,7 @@ class TestCleanChains:
     def test_rotated_files_in_any_order(self, tmp_path: Path) -> None:
         """A chain rotated over several files verifies from its directory or from files given shuffled."""
         path = write_chain(tmp_path, 60, max_file_bytes=4096, checkpoint_every_records=7)
-        files = sorted(tmp_path.iterdir())
+        files = sorted(tmp_path.glob("audit.jsonl*"))
         assert len(files) > 3
         random.Random(1).shuffle(files)
         assert verify_chain(files, key=KEY).ok
@@ -171,7 +171,7 @@ class TestTamperDetection:
     def test_deleted_middle_file(self, tmp_path: Path) -> None:
         """A rotated file removed from the middle of the chain is caught where its records are missing."""
         write_chain(tmp_path, 60, max_file_bytes=4096)
-        rotated = sorted(p for p in tmp_path.iterdir() if p.name != "audit.jsonl")
+        rotated = sorted(tmp_path.glob("audit.jsonl.*"))
         rotated[1].unlink()
         problem = verify_chain([tmp_path], key=KEY).problem
         assert problem is not None and problem.path == str(rotated[2]) and problem.line == 1
@@ -180,7 +180,7 @@ class TestTamperDetection:
     def test_missing_oldest_file_needs_partial(self, tmp_path: Path) -> None:
         """A chain that does not start at genesis fails, unless --partial accepts retention."""
         write_chain(tmp_path, 60, max_file_bytes=4096)
-        min(p for p in tmp_path.iterdir() if p.name != "audit.jsonl").unlink()
+        min(tmp_path.glob("audit.jsonl.*")).unlink()
         report = verify_chain([tmp_path], key=KEY)
         assert report.problem is not None and "genesis" in report.problem.message
         assert verify_chain([tmp_path], key=KEY, partial=True).ok
