@@ -315,10 +315,11 @@ class _TokenKeeper:
                 self._login()
                 return
             lease = float(auth.get("lease_duration") or 0)
-            if self._can_login and 0 < lease <= self._margin_seconds():
-                self._login()  # renewal is capped by the token's max TTL: start over
+            capped = 0 < lease <= self._margin_seconds()  # the token reached its max TTL
+            if capped and self._can_login:
+                self._login()
                 return
-            self._set_lease(lease, bool(auth.get("renewable")))
+            self._set_lease(lease, bool(auth.get("renewable")) and not capped)
             _log.debug("vault_token_renewed", ttl_seconds=lease)
         elif self._can_login:
             self._login()

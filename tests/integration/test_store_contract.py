@@ -7,6 +7,9 @@ in one class per backend.
 
 from __future__ import annotations
 
+import os
+import ssl
+import subprocess
 import threading
 import time
 import uuid
@@ -14,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3
+import httpx
 import hvac
 import pytest
 from pydantic import SecretStr
@@ -31,7 +35,7 @@ from broker.settings import AwsSettings, StoreSettings, VaultSettings
 from broker.stores.aws import AwsStore
 from broker.stores.base import SecretStore
 from broker.stores.vault import VaultStore
-from broker.testing.servers import RunningServer, start_moto, start_openbao
+from broker.testing.servers import RunningServer, find_bao_binary, free_port, start_moto, start_openbao
 
 WRITERS = 8
 ROUNDS = 4
@@ -389,6 +393,69 @@ class TestVaultStoreBackend:
         store.close()
 
 
+def start_tls_openbao(workdir: Any) -> tuple[RunningServer, str]:
+    """Start ``bao server -dev -dev-tls`` (its own CA in ``workdir``); return the server and the CA path."""
+    port = free_port()
+    log_path = workdir / "openbao-tls.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    env["HOME"] = str(workdir)
+    argv = [
+        find_bao_binary(),
+        "server",
+        "-dev",
+        "-dev-tls",
+        f"-dev-tls-cert-dir={workdir}",
+        f"-dev-listen-address=127.0.0.1:{port}",
+        "-dev-root-token-id=root-token",
+        "-dev-no-store-token",
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    server = RunningServer("openbao-tls", f"https://127.0.0.1:{port}", process, log_path, workdir)
+    server.extra["root_token"] = "root-token"
+    ca = str(workdir / "vault-ca.pem")
+
+    def ready() -> bool:
+        if not os.path.exists(ca):
+            return False
+        context = ssl.create_default_context(cafile=ca)
+        if process.poll() is not None:
+            raise AssertionError(f"openbao -dev-tls exited:\n{server.log_tail()}")
+        try:
+            return httpx.get(f"{server.url}/v1/sys/health", verify=context, timeout=1.0).status_code == 200
+        except (httpx.HTTPError, OSError):
+            return False
+
+    try:
+        _wait_until(ready, 30, "the TLS OpenBao server answers")
+    except BaseException:
+        server.stop()
+        raise
+    return server, ca
+
+
+class TestVaultTls:
+    def test_ca_bundle_is_used_and_ambient_ca_settings_are_not(
+        self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Over TLS the configured CA bundle verifies Vault; REQUESTS_CA_BUNDLE / VAULT_CACERT alone do not."""
+        server, ca = start_tls_openbao(tmp_path)
+        try:
+            monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca)
+            monkeypatch.setenv("VAULT_CACERT", ca)
+            unverified = vault_store(server, timeout_seconds=2.0)
+            with pytest.raises(StoreUnavailable, match="SSLError"):
+                unverified.health()
+            unverified.close()
+            verified = vault_store(server, timeout_seconds=2.0, ca_bundle_path=ca)
+            path = "tls/" + uuid.uuid4().hex
+            v1 = verified.write(path, vals(k="one"), expected_latest=None, idempotency_key="1").version
+            assert plain(verified.read(path, version=v1).data) == {"k": "one"}
+            verified.close()
+        finally:
+            server.stop()
+
+
 class TestAwsStoreBackend:
     def test_deleted_secret_is_secret_not_found(self, moto_server: RunningServer, path: str) -> None:
         """A secret scheduled for deletion, then force-deleted, reads as SecretNotFound with its code."""
@@ -420,6 +487,30 @@ class TestAwsStoreBackend:
         assert info.owner == "mspc-broker"
         assert [v.version for v in info.versions] == [v1]
         assert dict(info.stages) == {}
+        store.close()
+
+    def test_client_config_and_kms_key_come_from_settings(self, moto_server: RunningServer, path: str) -> None:
+        """Timeouts, retries and the KMS key are the configured ones, not botocore's defaults."""
+        store = aws_store(
+            moto_server,
+            connect_timeout_seconds=1.5,
+            read_timeout_seconds=2.5,
+            max_attempts=4,
+            retry_mode="adaptive",
+            kms_key_id="alias/mspc-broker",
+        )
+        config = store._client.meta.config
+        assert (config.connect_timeout, config.read_timeout) == (1.5, 2.5)
+        assert config.retries == {"mode": "adaptive", "total_max_attempts": 4}
+        store.write(path, vals(k="one"), expected_latest=None, idempotency_key="1")
+        native = boto3.client(
+            "secretsmanager",
+            endpoint_url=moto_server.url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        assert native.describe_secret(SecretId=path)["KmsKeyId"] == "alias/mspc-broker"
         store.close()
 
     def test_bad_keys_are_access_denied(
