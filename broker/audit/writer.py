@@ -49,6 +49,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import structlog
+
 from broker.audit.records import (
     GENESIS_HASH,
     AuditAction,
@@ -311,7 +313,8 @@ class AuditLog:
 
         ``details`` are non-secret scalars; each ``secrets`` entry becomes
         ``details["<name>_hmac"]``; ``vendor_id`` names the vendor when there is
-        no ``ref`` (vendor-key changes). Bad arguments raise ``ValueError``.
+        no ``ref`` (vendor-key changes). ``request_id`` defaults to the one bound
+        in structlog's contextvars. Bad arguments raise ``ValueError``.
         """
         return self.emit(
             AuditEvent(
@@ -428,7 +431,11 @@ class AuditLog:
     def _request_for(self, event: AuditEvent) -> _Request:
         if event.action in (AuditAction.AUDIT_CHECKPOINT, AuditAction.AUDIT_RECOVERED):
             raise ValueError(f"{event.action} records are written by the audit log itself")
-        return _Request("record", event.body(self._key))
+        body = event.body(self._key)
+        if body["request_id"] is None:
+            bound = structlog.contextvars.get_contextvars().get("request_id")
+            body["request_id"] = bound if isinstance(bound, str) else None
+        return _Request("record", body)
 
     def _enqueue(self, request: _Request) -> None:
         if self._thread is None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from pydantic import SecretStr
 
 from broker.audit import AuditAction, AuditKey, AuditLog, AuditOutcome, verify_chain
@@ -106,6 +107,15 @@ class TestRecording:
             seqs = asyncio.run(main(log))
         assert sorted(seqs) == list(range(50))
         assert verify_chain([path], key=KEY).ok
+
+    def test_request_id_comes_from_the_log_context(self, tmp_path: Path) -> None:
+        """Without request_id=, the record carries the request id bound in structlog's contextvars."""
+        path = tmp_path / "audit.jsonl"
+        with AuditLog(settings(path)) as log:
+            structlog.contextvars.bind_contextvars(request_id="req-42")
+            step(log, 1)
+            log.record(AuditAction.BROKER_STARTED, AuditOutcome.SUCCESS, request_id="explicit")
+        assert [r["request_id"] for r in records(path)[:2]] == ["req-42", "explicit"]
 
     def test_metrics_count_records_per_sink(self, tmp_path: Path) -> None:
         """audit_records{sink} counts every line written to each sink."""
