@@ -13,6 +13,8 @@ from unittest.mock import ANY
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from broker.errors import ConfigError
@@ -296,6 +298,53 @@ class TestErrorTable:
         response = send(http, "POST", "/api/oem-api/vendor", {**MANAGE, "clientSecret": canary, "scope": 5})
         assert response.status_code == 400
         assert canary not in response.text
+
+
+API_ROUTES = [
+    ("POST", "/api/oem-api/organization"),
+    ("DELETE", "/api/oem-api/organization/contoso-x"),
+    ("POST", "/api/oem-api/user"),
+    ("DELETE", "/api/oem-api/user"),
+    ("POST", "/api/oem-api/vendor"),
+    ("POST", "/api/oem-api/integration"),
+    ("POST", "/api/oem-api/integration/list"),
+    ("DELETE", "/api/oem-api/integration/abc"),
+    ("POST", "/api/vendor-api/organization/accounts"),
+    ("POST", "/api/vendor-api/organization/services"),
+    ("PATCH", "/api/vendor-api/status/mapping"),
+]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12,
+)
+field_names = st.sampled_from(
+    ["data", "organizationOemToken", "integrationType", "organizationId", "vendorId", "vendorAccountId", "id", "name"]
+)
+
+
+class TestNeverA500:
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(
+        route=st.sampled_from(API_ROUTES),
+        base=st.sampled_from([MANAGE, PARTNER, {}]),
+        extra=st.dictionaries(field_names, json_values, max_size=4),
+        raw=st.none() | st.binary(max_size=40),
+    )
+    def test_arbitrary_bodies_get_json_answers(
+        self,
+        http: httpx.Client,
+        route: tuple[str, str],
+        base: dict[str, Any],
+        extra: dict[str, Any],
+        raw: bytes | None,
+    ) -> None:
+        """Whatever body arrives, every endpoint answers a JSON status/code/message below 500 or a success."""
+        body: Any = raw if raw is not None else {**base, **extra}
+        response = send(http, route[0], route[1], body, headers=bearer(compose(ACME_KEY, SecretStr("pk-unknown"))))
+        assert response.status_code < 500, response.text
+        if response.status_code >= 400:
+            assert set(response.json()) == {"status", "code", "message"}
 
 
 class TestOemSuccessBodies:
