@@ -489,6 +489,13 @@ class AuditLog:
     def _write_batch(self, requests: list[_Request]) -> None:
         if not requests and not self._notes.pending:
             return
+        if self._next_seq is None and all(r.kind == "final" for r in requests):
+            for request in requests:  # closing a log that never wrote: leave the sink untouched
+                with request.lock:
+                    request.state = _DONE
+                    request.receipt = AuditReceipt(-1, GENESIS_HASH, "")
+                self._wake(request)
+            return
         try:
             self._ensure_open()
         except SinkLocked as exc:
@@ -714,6 +721,7 @@ class AuditLog:
         os.fsync(self._fd)
         os.rename(path, target)
         self._close_file()
+        self._good = None  # the next file is new by our own doing, not a replacement
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -160,6 +160,12 @@ class TestCheckpoints:
             assert c["details"] == {"count": c["seq"], "head": c["prev"]}
             assert KEY.mac_ok(c) and c["key_id"] == KEY.key_id
 
+    def test_unused_log_leaves_no_file(self, tmp_path: Path) -> None:
+        """Starting and closing a log that never recorded anything creates no audit file."""
+        with AuditLog(settings(tmp_path / "audit.jsonl")):
+            pass
+        assert not (tmp_path / "audit.jsonl").exists()
+
     def test_close_without_news_adds_no_checkpoint(self, tmp_path: Path) -> None:
         """Closing right after a checkpoint (or a restart with nothing new) writes nothing."""
         path = tmp_path / "audit.jsonl"
