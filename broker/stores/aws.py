@@ -148,32 +148,49 @@ def _is_placeholder(version_id: str | None) -> bool:
     return version_id is not None and slot_of(version_id) == 0
 
 
+def _from_client_error(
+    exc: botocore.exceptions.ClientError, operation: str, where: str, *, conflict_on_invalid: bool, sensitive: bool
+) -> BrokerError:
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", "Unknown"))
+    upstream = str(error.get("Message", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    text = f"aws secretsmanager {operation} of {where}: {code}"
+    if not sensitive:
+        text += f": {snippet(upstream)}"
+    if code in _NOT_FOUND:
+        return SecretNotFound(text)
+    if code in _DENIED or status in (401, 403):
+        return StoreAccessDenied(text + " (check the broker's AWS credentials and IAM / KMS policy)")
+    if code in _CONFLICT or (conflict_on_invalid and code == "InvalidParameterException"):
+        return Conflict(text)
+    if code == "InvalidRequestException" and any(h in upstream.lower() for h in _DELETION_HINTS):
+        return SecretNotFound(text + " (the secret is scheduled for deletion)")
+    if code in _THROTTLED or status >= 500 or code in {"InternalServiceError", "ServiceUnavailable"}:
+        return StoreUnavailable(text, retry_after_seconds=RETRY_AFTER_SECONDS)
+    if code in _INVALID:
+        return InvalidInput(text)
+    return StoreUnavailable(text, retry_after_seconds=RETRY_AFTER_SECONDS)
+
+
 @contextmanager
-def _translated(operation: str, where: str, *, conflict_on_invalid: bool = False) -> Iterator[None]:
-    """Re-raise botocore errors as broker errors (``from exc``); messages carry no values."""
+def _translated(
+    operation: str, where: str, *, conflict_on_invalid: bool = False, sensitive: bool = False
+) -> Iterator[None]:
+    """Re-raise botocore errors as broker errors (``from exc``); messages carry no values.
+
+    ``sensitive=True`` (calls that carry a SecretString) keeps only the error code: a
+    validation message could quote the value, so neither it nor the cause is kept.
+    """
     try:
         yield
     except BrokerError:
         raise
     except botocore.exceptions.ClientError as exc:
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", "Unknown"))
-        message = snippet(str(error.get("Message", "")))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        text = f"aws secretsmanager {operation} of {where}: {code}: {message}"
-        if code in _NOT_FOUND:
-            raise SecretNotFound(text) from exc
-        if code in _DENIED or status in (401, 403):
-            raise StoreAccessDenied(text + " (check the broker's AWS credentials and IAM / KMS policy)") from exc
-        if code in _CONFLICT or (conflict_on_invalid and code == "InvalidParameterException"):
-            raise Conflict(text) from exc
-        if code == "InvalidRequestException" and any(h in message.lower() for h in _DELETION_HINTS):
-            raise SecretNotFound(text + " (the secret is scheduled for deletion)") from exc
-        if code in _THROTTLED or status >= 500 or code in {"InternalServiceError", "ServiceUnavailable"}:
-            raise StoreUnavailable(text, retry_after_seconds=RETRY_AFTER_SECONDS) from exc
-        if code in _INVALID:
-            raise InvalidInput(text) from exc
-        raise StoreUnavailable(text, retry_after_seconds=RETRY_AFTER_SECONDS) from exc
+        error = _from_client_error(exc, operation, where, conflict_on_invalid=conflict_on_invalid, sensitive=sensitive)
+        if sensitive:
+            raise error from None
+        raise error from exc
     except botocore.exceptions.ParamValidationError:
         # Its text may quote a parameter value (SecretString): do not keep it, not even as __cause__.
         raise InvalidInput(f"aws secretsmanager {operation} of {where}: invalid request parameters") from None
@@ -480,7 +497,7 @@ class AwsStore:
                 if foreign:
                     raise Conflict(f"aws: {path} already has versions not written by the broker")
             try:
-                with _translated("write", f"{path} slot {slot}"):
+                with _translated("write", f"{path} slot {slot}", sensitive=True):
                     self._client.put_secret_value(
                         SecretId=path,
                         ClientRequestToken=target,

@@ -110,11 +110,12 @@ def _errors_text(exc: hvac.exceptions.VaultError) -> str:
 
 
 @contextmanager
-def _translated(operation: str, where: str, *, login: bool = False) -> Iterator[None]:
+def _translated(operation: str, where: str, *, login: bool = False, sensitive: bool = False) -> Iterator[None]:
     """Re-raise hvac / requests errors as broker errors (``from exc``); messages carry no values.
 
     During a login (``login=True``) a 400 means refused credentials (Vault answers a bad
-    secret_id or JWT with 400), so it becomes ``StoreAccessDenied``.
+    secret_id or JWT with 400), so it becomes ``StoreAccessDenied``. For a request that
+    carried secret data (``sensitive=True``) a 400's text is withheld, cause included.
     """
     try:
         yield
@@ -133,6 +134,10 @@ def _translated(operation: str, where: str, *, login: bool = False) -> Iterator[
             raise StoreAccessDenied(f"vault refused the login at {where}: {snippet(text)}") from exc
         if _CAS_MISMATCH in text:
             raise Conflict(f"vault: {where} changed concurrently (check-and-set failed); re-read and retry") from exc
+        if sensitive:
+            raise InvalidInput(
+                f"vault rejected {operation} of {where} (its text is withheld: it may quote data)"
+            ) from None
         raise InvalidInput(f"vault rejected {operation} of {where}: {snippet(text)}") from exc
     except hvac.exceptions.VaultError as exc:
         raise StoreUnavailable(
@@ -585,7 +590,7 @@ class VaultStore:
                 if meta is None:
                     self._ensure_metadata(path)
                 try:
-                    with _translated("write", self._where(path)):
+                    with _translated("write", self._where(path), sensitive=True):
                         body = self._kv.create_or_update_secret(
                             path=path, secret=wanted, cas=expected, mount_point=self._mount
                         )

@@ -92,6 +92,14 @@ class TestVaultErrorMapping:
         error = raised_by_vault(hvac.exceptions.Forbidden(errors=["x" * 5000]))
         assert len(error.message) < 600
 
+    def test_sensitive_calls_withhold_a_rejection_text(self, canary: str) -> None:
+        """For a write carrying data, a 400's text (which could quote it) is dropped, cause included."""
+        with pytest.raises(BrokerError) as info, vault._translated("write", "secret/x", sensitive=True):
+            raise hvac.exceptions.InvalidRequest(errors=[f"bad value {canary}"])
+        assert type(info.value) is InvalidInput
+        assert canary not in str(info.value)
+        assert info.value.__cause__ is None
+
     def test_broker_errors_pass_through(self) -> None:
         """A broker error raised inside the border is not re-wrapped."""
         original = Conflict("already ours")
@@ -142,6 +150,16 @@ class TestAwsErrorMapping:
         assert canary not in str(error)
         assert error.__cause__ is None
         assert error.__suppress_context__
+
+    def test_sensitive_calls_keep_only_the_code(self, canary: str) -> None:
+        """For calls carrying a SecretString, the upstream message (which could quote it) is dropped."""
+        with pytest.raises(BrokerError) as info, aws._translated("write", "mspc/x", sensitive=True):
+            raise client_error("ValidationException", f"Value '{canary}' at 'secretString' failed")
+        assert type(info.value) is InvalidInput
+        assert "ValidationException" in str(info.value)
+        assert canary not in str(info.value)
+        assert info.value.__cause__ is None
+        assert info.value.__suppress_context__
 
     def test_unavailable_carries_a_retry_hint(self) -> None:
         """STORE_UNAVAILABLE says when to retry."""
