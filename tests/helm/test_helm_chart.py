@@ -9,7 +9,6 @@ from typing import Any
 
 import jsonschema
 import pytest
-from config_schema import CHART_MANAGED, config_schema, secret_fields
 from helmtools import (
     BAD_VALUES,
     CHART,
@@ -28,6 +27,7 @@ from helmtools import (
     merged_values,
 )
 from pydantic import BaseModel
+from values_config_schema import CHART_MANAGED, config_schema, secret_fields
 
 from broker.engine.desired import parse_desired
 from broker.models import IntegrationRef, Principal
@@ -193,7 +193,7 @@ class TestValuesSchema:
             assert group in current, f"config.{group} is not a settings group"
             for field, spec in node["properties"].items():
                 assert field in current[group]["properties"], (
-                    f"config.{group}.{field} is not a setting; run tests/helm/config_schema.py --write"
+                    f"config.{group}.{field} is not a setting; run tests/helm/values_config_schema.py --write"
                 )
                 want = current[group]["properties"][field]
                 assert (spec["type"], spec.get("enum")) == (want["type"], want.get("enum")), f"{group}.{field}"

@@ -6,7 +6,7 @@ manages are left out, so values.yaml can never carry a secret or fight the chart
 
 Refresh the checked-in schema after a settings change::
 
-    .venv/bin/python tests/helm/config_schema.py --write
+    .venv/bin/python tests/helm/values_config_schema.py --write
 """
 
 from __future__ import annotations
