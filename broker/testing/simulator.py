@@ -55,21 +55,38 @@ class SimulatorHandle:
     admin_token: str | None = None
     ca_file: Path | None = None
 
-    def _verify(self) -> ssl.SSLContext | bool:
-        return ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else True
+    _client: httpx.Client | None = field(default=None, init=False, repr=False)
+    _client_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def http(self) -> httpx.Client:
+        """A shared HTTP client for the simulator (trusts its certificate when it serves HTTPS)."""
+        with self._client_lock:
+            if self._client is None:
+                verify: ssl.SSLContext | bool = (
+                    ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else False
+                )
+                self._client = httpx.Client(
+                    base_url=self.url, verify=verify, timeout=ADMIN_TIMEOUT_SECONDS, trust_env=False
+                )
+            return self._client
+
+    def close_client(self) -> None:
+        """Close the shared HTTP client (``stop()`` does this)."""
+        with self._client_lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
 
     def _admin(self, method: str, path: str, json: Any = None) -> Any:
         headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
-        with httpx.Client(verify=self._verify(), timeout=ADMIN_TIMEOUT_SECONDS, trust_env=False) as client:
-            response = client.request(method, f"{self.url}/_sim/{path}", json=json, headers=headers)
+        response = self.http().request(method, f"/_sim/{path}", json=json, headers=headers)
         response.raise_for_status()
         return response.json()
 
     def health(self) -> bool:
         """True if the simulator answers ``GET /_sim/health``."""
         try:
-            with httpx.Client(verify=self._verify(), timeout=1.0, trust_env=False) as client:
-                return client.get(f"{self.url}/_sim/health").status_code == 200
+            return self.http().get("/_sim/health", timeout=1.0).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -150,6 +167,7 @@ class SimulatorThread(SimulatorHandle):
 
     def stop(self, timeout_seconds: float = 10.0) -> None:
         """Ask uvicorn to exit, force it after ``timeout_seconds``, and join the thread."""
+        self.close_client()
         if self._server is None or self._thread is None:
             return
         if self.simulator is not None:
@@ -180,11 +198,13 @@ class SimulatorProcess(SimulatorHandle):
 
     def stop(self, timeout_seconds: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout_seconds``."""
+        self.close_client()
         if self.server is not None:
             self.server.stop(timeout_seconds)
 
     def kill(self) -> None:
         """SIGKILL at once (crash simulation)."""
+        self.close_client()
         if self.server is not None:
             self.server.kill()
 

@@ -56,10 +56,9 @@ def sim(simulator: SimulatorThread) -> SimulatorThread:
 
 
 @pytest.fixture
-def http(sim: SimulatorThread) -> Iterator[httpx.Client]:
+def http(sim: SimulatorThread) -> httpx.Client:
     """A plain HTTP client aimed at the simulator."""
-    with httpx.Client(base_url=sim.url, timeout=5.0) as client:
-        yield client
+    return sim.http()
 
 
 def send(http: httpx.Client, method: str, path: str, body: Any = None, **kwargs: Any) -> httpx.Response:
