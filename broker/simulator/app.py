@@ -9,7 +9,27 @@ bodies are the documented examples.
 Every API request passes one pipeline (``Simulator._api``): it is logged
 with a monotonic timestamp, rate-limited per client, given its injected
 faults, handled, and (for a lost-response fault) answered with a dropped
-connection *after* its state change. Test controls live under ``/_sim/``.
+connection *after* its state change. Test controls live under ``/_sim/``
+(guarded by ``Authorization: Bearer <admin token>`` when one is set):
+
+    GET    /_sim/health          liveness (never guarded)
+    GET    /_sim/integrations    every integration: ids, org, vendor, kind,
+                                 status, live, createdAt, partnerKeyFingerprint
+    GET    /_sim/organizations   organizations with their users (no tokens)
+    GET    /_sim/requests        {"counts": {endpoint: n}, "requests": [...]}
+    DELETE /_sim/requests        clear the request log
+    GET    /_sim/faults          active faults with remaining counts
+    POST   /_sim/faults          add one FaultSpec, answers {"id": n}
+    PUT    /_sim/faults          {"faults": [FaultSpec...], "seed": int?}
+    DELETE /_sim/faults          remove every fault
+    GET    /_sim/config          {"duplicateMode", "rateLimit"}
+    POST   /_sim/config          change either (rateLimit null = off)
+    POST   /_sim/reset           seed state + start-up config; hung requests end
+
+Endpoint names (request log, counts, ``FaultSpec.endpoint``) are listed in
+``broker.simulator.control.ENDPOINTS``. A hang fault sleeps, then handles
+the request normally (so a timed-out create may still create), unless the
+simulator is reset or stopped meanwhile.
 """
 
 from __future__ import annotations
