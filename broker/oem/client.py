@@ -171,7 +171,14 @@ class HttpOemClient:
                         f"got no answer ({outcome.attempts} attempts); that attempt probably created the "
                         "integration, whose partner key the broker never received: list and revoke it, then retry"
                     )
-                raise self._refused(operation, upstream, ref=ref)
+                refused = self._refused(operation, upstream, ref=ref)
+                if outcome.ambiguous:
+                    refused = type(refused)(
+                        f"{refused.message}; note: an earlier attempt got no answer and may have created an "
+                        "integration: list the organization's integrations and revoke any orphan",
+                        retry_after_seconds=refused.retry_after_seconds,
+                    )
+                raise refused
             integration_id, partner_key = self._parse_created(response, ref, outcome)
         if outcome.ambiguous:
             log.warning(

@@ -344,6 +344,12 @@ class TestRetries:
         with pytest.raises(OemOutcomeUnknown, match="probably created"):
             client.create_external_integration(REF)
 
+    def test_refusal_after_lost_answer_mentions_possible_orphan(self) -> None:
+        """A refusal that follows an unanswered create attempt keeps its class but says an orphan may exist."""
+        client, _ = make_client([httpx.ReadTimeout("slow"), error(401, "INVALID_CLIENT")])
+        with pytest.raises(OemInvalidClient, match="revoke any orphan"):
+            client.create_external_integration(REF)
+
     def test_502_is_ambiguous_for_create(self) -> None:
         """A 502 may come from a proxy after the OEM acted, so a later success is a possible duplicate."""
         client, _ = make_client([httpx.Response(502), httpx.Response(201, json=CREATED)])
