@@ -64,7 +64,11 @@ def trail(tmp_path: Path, canary: str) -> Path:
     """
     directory = tmp_path / "audit"
     settings = AuditSettings(
-        file_path=directory / "audit.jsonl", hmac_key=SecretStr(KEY_TEXT), max_file_bytes=4096, fsync=False
+        file_path=directory / "audit.jsonl",
+        hmac_key=SecretStr(KEY_TEXT),
+        max_file_bytes=4096,
+        fsync=False,
+        write_timeout_ms=10_000,
     )
     with AuditLog(settings, clock=minute_clock()) as log:
         for n in range(10):

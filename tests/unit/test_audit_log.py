@@ -28,7 +28,7 @@ PRINCIPAL = Principal("payments", "invoicer")
 
 
 def settings(path: Path | None, **options: Any) -> AuditSettings:
-    values: dict[str, Any] = {"checkpoint_every_records": 1000, "fsync": False} | options
+    values: dict[str, Any] = {"checkpoint_every_records": 1000, "fsync": False, "write_timeout_ms": 10_000} | options
     return AuditSettings(file_path=path, hmac_key=SecretStr(KEY_TEXT), **values)
 
 

@@ -183,7 +183,9 @@ class TestSchema:
         path = tmp_path / "audit.jsonl"
         path.write_bytes(b'{"torn')  # a torn tail: the first write reports it in audit.recovered
         key_text = canary + "-KEY-" + canary
-        settings = AuditSettings(file_path=path, hmac_key=SecretStr(key_text), checkpoint_every_records=4)
+        settings = AuditSettings(
+            file_path=path, hmac_key=SecretStr(key_text), checkpoint_every_records=4, write_timeout_ms=10_000
+        )
         with AuditLog(settings) as log:
             for event in every_event(canary):
                 log.emit(event)

@@ -22,7 +22,7 @@ REF = IntegrationRef("org-1", "vendor-a")
 def write_chain(directory: Path, records: int, **settings: Any) -> Path:
     """Write ``records`` rotation.step records (plus the closing checkpoint) and return the file."""
     path = directory / "audit.jsonl"
-    options: dict[str, Any] = {"checkpoint_every_records": 1000, "fsync": False} | settings
+    options: dict[str, Any] = {"checkpoint_every_records": 1000, "fsync": False, "write_timeout_ms": 10_000} | settings
     with AuditLog(AuditSettings(file_path=path, hmac_key=SecretStr(KEY_TEXT), **options)) as log:
         for i in range(records):
             log.record(AuditAction.ROTATION_STEP, AuditOutcome.SUCCESS, ref=REF, details={"step": f"s{i}"})
