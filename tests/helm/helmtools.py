@@ -7,6 +7,7 @@ every test that needs it fails (``install_helm`` calls ``pytest.fail``).
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import subprocess
@@ -71,7 +72,7 @@ class Helm:
     def template_text(
         self,
         *values_files: Path,
-        set_values: Mapping[str, str] | None = None,
+        set_values: Mapping[str, str | int | bool] | None = None,
         set_files: Mapping[str, Path] | None = None,
         kube_version: str = KUBE_VERSION,
     ) -> str:
@@ -80,7 +81,10 @@ class Helm:
         for path in values_files:
             args += ["--values", str(path)]
         for key, value in (set_values or {}).items():
-            args += ["--set-string", f"{key}={value}"]
+            if isinstance(value, str):
+                args += ["--set-string", f"{key}={value}"]
+            else:
+                args += ["--set", f"{key}={json.dumps(value)}"]
         for key, path in (set_files or {}).items():
             args += ["--set-file", f"{key}={path}"]
         return self.run(*args).stdout
@@ -88,7 +92,7 @@ class Helm:
     def render(
         self,
         *values_files: Path,
-        set_values: Mapping[str, str] | None = None,
+        set_values: Mapping[str, str | int | bool] | None = None,
         set_files: Mapping[str, Path] | None = None,
         kube_version: str = KUBE_VERSION,
     ) -> list[dict[str, Any]]:

@@ -174,6 +174,13 @@ class TestRenderedManifests:
         old = helm.render(kube_version="1.20.2")
         assert find(old, "PodDisruptionBudget")["apiVersion"] == "policy/v1beta1"
 
+    def test_pdb_keeps_one_pod_and_never_blocks_drains(self, helm: Helm) -> None:
+        """The PDB keeps one pod of two up, and is left out when no pod could ever be evicted."""
+        pdb = find(helm.render(), "PodDisruptionBudget")["spec"]
+        assert pdb["minAvailable"] == 1
+        assert pdb["selector"]["matchLabels"] == deployment(helm.render())["spec"]["selector"]["matchLabels"]
+        assert "PodDisruptionBudget" not in kinds(helm.render(set_values={"replicaCount": 1}))
+
 
 class TestValuesSchema:
     """values.schema.json: closed, documented, and enforced by both jsonschema and helm."""
