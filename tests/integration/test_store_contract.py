@@ -513,6 +513,29 @@ class TestAwsStoreBackend:
         assert native.describe_secret(SecretId=path)["KmsKeyId"] == "alias/mspc-broker"
         store.close()
 
+    def test_moto_enforces_the_compares_the_store_relies_on(self, moto_server: RunningServer, path: str) -> None:
+        """The server refuses a stale RemoveFromVersionId and a reused ClientRequestToken with another value."""
+        native = boto3.client(
+            "secretsmanager",
+            endpoint_url=moto_server.url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        token_a, token_b = "a" * 32, "b" * 32
+        native.create_secret(Name=path, SecretString="{}", ClientRequestToken=token_a)
+        native.put_secret_value(
+            SecretId=path, SecretString='{"k":"1"}', ClientRequestToken=token_b, VersionStages=["X"]
+        )
+        with pytest.raises(native.exceptions.InvalidParameterException):
+            native.update_secret_version_stage(
+                SecretId=path, VersionStage="AWSCURRENT", MoveToVersionId=token_a, RemoveFromVersionId=token_b
+            )
+        with pytest.raises(native.exceptions.ResourceExistsException):
+            native.put_secret_value(
+                SecretId=path, SecretString='{"k":"2"}', ClientRequestToken=token_b, VersionStages=["X"]
+            )
+
     def test_bad_keys_are_access_denied(
         self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, path: str, canary: str
     ) -> None:

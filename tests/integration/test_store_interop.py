@@ -135,6 +135,8 @@ class TestAwsInterop:
         path = partner_key_path(settings, IntegrationRef("org-" + uuid.uuid4().hex[:8], "vendor-a"))
         v1 = store.write(path, vals(partner_key="pk-1"), expected_latest=None, idempotency_key="a").version
         v2 = store.write(path, vals(partner_key="pk-2"), expected_latest=v1, idempotency_key="b").version
+        unset = run_aws(moto_server, tmp_path, "get-secret-value", "--secret-id", path, "--version-stage", "AWSCURRENT")
+        assert unset["SecretString"] == "{}"  # the placeholder: writes never move AWSCURRENT
         store.move_stage(path, Stage.CURRENT, v1, expected=None)
         store.move_stage(path, Stage.CURRENT, v2, expected=v1)
         current = run_aws(
