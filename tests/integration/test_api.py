@@ -1,0 +1,413 @@
+"""The token service over real HTTP: real JWTs (JWKS), policies, audit, OpenBao / moto, the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from broker.audit import verify_chain
+from broker.engine.desired import DesiredIntegration
+from broker.models import IntegrationRef
+from broker.runtime import Runtime
+from broker.settings import load_settings
+from broker.testing.broker import BrokerThread, start_broker_thread
+from broker.testing.jwt import DevIssuer
+from broker.testing.servers import RunningServer, start_moto, start_openbao
+
+REF = IntegrationRef("org-contoso", "vendor-acme")
+VENDOR_KEY = "acme-vendor-key-dev"
+
+POLICY = """
+version: 1
+description: API test policy
+rules:
+  - id: apps-payments
+    effect: allow
+    subjects: [{namespace: apps, service_account: payments}]
+    integrations: [{organization: "org-*", vendor: "vendor-acme"}]
+    actions: [token:issue]
+    max_ttl_seconds: 300
+  - id: apps-capped
+    effect: allow
+    subjects: [{namespace: apps, service_account: capped}]
+    integrations: [{organization: "*", vendor: "*"}]
+    actions: [token:issue]
+    max_ttl_seconds: 60
+  - id: apps-deny-blocked
+    effect: deny
+    subjects: [{namespace: apps, service_account: blocked}]
+    actions: ["*"]
+  - id: apps-blocked-allow
+    effect: allow
+    subjects: [{namespace: apps, service_account: blocked}]
+    integrations: [{organization: "*", vendor: "*"}]
+    actions: [token:issue]
+  - id: platform-admin
+    effect: allow
+    subjects: [{namespace: platform, service_account: admin}]
+    actions: ["integration:*"]
+"""
+
+
+@dataclass
+class Stack:
+    broker: BrokerThread
+    runtime: Runtime
+    issuer: DevIssuer
+    config: dict[str, Any]
+    audit_path: Path
+
+    def bearer(self, namespace: str = "apps", account: str = "payments", **kw: Any) -> dict[str, str]:
+        return {"Authorization": "Bearer " + self.issuer.mint(namespace, account, **kw)}
+
+    def post_token(self, body: dict[str, Any] | None = None, **who: Any) -> httpx.Response:
+        body = body if body is not None else {"organization_id": REF.organization_id, "vendor_id": REF.vendor_id}
+        return httpx.post(f"{self.broker.url}/v1/tokens", json=body, headers=self.bearer(**who), timeout=10)
+
+    def reads(self) -> float:
+        backend = self.runtime.settings.store.backend
+        return (
+            self.runtime.metrics.registry.get_sample_value(
+                "broker_backend_calls_total", {"backend": backend, "operation": "read"}
+            )
+            or 0.0
+        )
+
+
+def build_stack(config: dict[str, Any], tmp_path: Path, issuer: DevIssuer) -> Stack:
+    policies = tmp_path / "policies"
+    policies.mkdir(exist_ok=True)
+    (policies / "test.yaml").write_text(POLICY)
+    desired = tmp_path / "desired.yaml"
+    desired.write_text(f"integrations:\n  - organizationId: {REF.organization_id}\n    vendorId: {REF.vendor_id}\n")
+    config["policy"] = {"dir": str(policies), "reload_interval_seconds": 0}
+    config["identity"] = {"mode": "jwks", "issuer": issuer.issuer, "audience": "mspc-broker"}
+    config.setdefault("engine", {}).update({"desired_file": str(desired), "reconcile_interval_seconds": 3600})
+    settings = load_settings(**config)
+    runtime = Runtime(settings)
+    assert runtime.engine.provision(DesiredIntegration(REF)).ok
+    broker = start_broker_thread(runtime)
+    # The first reconcile pass reads the store too; let it finish so tests count only their own reads.
+    assert runtime.reconciler.first_sync_done.wait(30)
+    return Stack(broker, runtime, issuer, config, Path(config["audit"]["file_path"]))
+
+
+@pytest.fixture
+def issuer() -> Iterator[DevIssuer]:
+    dev = DevIssuer().start()
+    yield dev
+    dev.stop()
+
+
+@pytest.fixture
+def stack(
+    broker_config: Callable[..., dict[str, Any]],
+    seed_vendor: Callable[..., None],
+    tmp_path: Path,
+    issuer: DevIssuer,
+) -> Iterator[Stack]:
+    config = broker_config()
+    seed_vendor(config, REF.vendor_id, VENDOR_KEY)
+    s = build_stack(config, tmp_path, issuer)
+    yield s
+    s.broker.stop()
+
+
+class TestIssue:
+    def test_issues_a_token_the_vendor_api_accepts(self, stack: Stack, sim: Any) -> None:
+        """POST /v1/tokens answers 201 with a token the Vendor API accepts, and its lineage."""
+        response = stack.post_token()
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert body["token_type"] == "Bearer" and body["stale"] is False
+        assert body["ttl_seconds"] == 300  # policy cap below the 900 s default
+        assert body["partner_key_version"] and body["vendor_key_version"] and body["lease_id"]
+        vendor, _, partner = base64.b64decode(body["token"]).decode().partition(":")
+        assert vendor == VENDOR_KEY and partner
+        probe = httpx.get(
+            f"{sim.url}/api/vendor-api/organization/accounts",
+            headers={"Authorization": f"Bearer {body['token']}"},
+            timeout=5,
+        )
+        assert probe.status_code == 200
+
+    def test_ttl_cap_and_min_ttl(self, stack: Stack) -> None:
+        """A rule's cap bounds the TTL; asking for more than it allows is a 409 with a code."""
+        capped = stack.post_token(account="capped")
+        assert capped.status_code == 201 and capped.json()["ttl_seconds"] == 60
+        body = {"organization_id": REF.organization_id, "vendor_id": REF.vendor_id, "min_ttl_seconds": 120}
+        refused = stack.post_token(body, account="capped")
+        assert refused.status_code == 409
+        assert refused.json()["code"] == "TTL_UNSATISFIABLE"
+
+    def test_denied_before_any_secret_read(self, stack: Stack) -> None:
+        """A subject no rule allows gets 403 problem+json, and no secret was read for it."""
+        before = stack.reads()
+        response = stack.post_token(account="stranger")
+        assert response.status_code == 403
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.json()["code"] == "POLICY_DENIED"
+        assert stack.reads() == before
+
+    def test_explicit_deny_wins(self, stack: Stack) -> None:
+        """A deny rule beats an allow rule for the same subject."""
+        response = stack.post_token(account="blocked")
+        assert response.status_code == 403
+        assert "apps-deny-blocked" in response.json()["detail"]
+
+    def test_unknown_integration_is_404(self, stack: Stack) -> None:
+        """An allowed pair that was never provisioned is 404 INTEGRATION_NOT_FOUND."""
+        response = stack.post_token({"organization_id": "org-fabrikam", "vendor_id": "vendor-acme"})
+        assert response.status_code == 404
+        assert response.json()["code"] == "INTEGRATION_NOT_FOUND"
+
+    @pytest.mark.parametrize(
+        ("headers", "reason"),
+        [
+            ({}, "missing"),
+            ({"Authorization": "Bearer not.a.jwt"}, "garbage"),
+            ({"Authorization": "Basic dXNlcjpwYXNz"}, "basic"),
+        ],
+    )
+    def test_unauthenticated(self, stack: Stack, headers: dict[str, str], reason: str) -> None:
+        """No, malformed or non-bearer credentials give 401 UNAUTHENTICATED with WWW-Authenticate."""
+        body = {"organization_id": REF.organization_id, "vendor_id": REF.vendor_id}
+        response = httpx.post(f"{stack.broker.url}/v1/tokens", json=body, headers=headers, timeout=10)
+        assert response.status_code == 401, reason
+        assert response.json()["code"] == "UNAUTHENTICATED"
+        assert response.headers["www-authenticate"].startswith("Bearer")
+
+    def test_wrong_audience_refused(self, stack: Stack) -> None:
+        """A token minted for another audience (e.g. vault) is refused."""
+        response = stack.post_token(audience="vault")
+        assert response.status_code == 401
+
+    @pytest.mark.parametrize(
+        ("body", "code"),
+        [
+            ({"organization_id": "../etc", "vendor_id": "vendor-acme"}, "INVALID_IDENTIFIER"),
+            ({"organization_id": "org-contoso"}, "INVALID_INPUT"),
+            ({"organization_id": "org-contoso", "vendor_id": "vendor-acme", "extra": 1}, "INVALID_INPUT"),
+            ({"organization_id": 5, "vendor_id": "vendor-acme"}, "INVALID_INPUT"),
+            ({"organization_id": "org-contoso", "vendor_id": "vendor-acme", "min_ttl_seconds": -1}, "INVALID_INPUT"),
+        ],
+    )
+    def test_bad_input_is_400(self, stack: Stack, body: dict[str, Any], code: str) -> None:
+        """Malformed bodies and unsafe ids give 400 with a stable code, never a 500."""
+        response = stack.post_token(body)
+        assert response.status_code == 400, response.text
+        assert response.json()["code"] == code
+
+    def test_invalid_json_is_400(self, stack: Stack) -> None:
+        """A body that is not JSON is a 400 problem."""
+        response = httpx.post(
+            f"{stack.broker.url}/v1/tokens",
+            content=b"{nope",
+            headers={**stack.bearer(), "Content-Type": "application/json"},
+            timeout=10,
+        )
+        assert response.status_code == 400
+        assert response.json()["code"] == "INVALID_INPUT"
+
+    def test_issuance_is_audited_without_secrets(self, stack: Stack) -> None:
+        """Issued and denied tokens are in the audit chain, which verifies; the token appears only as an HMAC."""
+        issued = stack.post_token().json()
+        stack.post_token(account="stranger")
+        stack.runtime.audit.close()
+        raw = stack.audit_path.read_text()
+        assert issued["token"] not in raw
+        partner = base64.b64decode(issued["token"]).decode().partition(":")[2]
+        assert partner not in raw and VENDOR_KEY not in raw
+        records = [json.loads(line) for line in raw.splitlines()]
+        actions = [r["action"] for r in records]
+        assert "token.issued" in actions and "token.denied" in actions
+        mine = next(r for r in records if r["action"] == "token.issued")
+        assert mine["details"]["lease_id"] == issued["lease_id"]
+        assert mine["principal"]["namespace"] == "apps"
+        assert verify_chain([stack.audit_path]).ok
+
+    def test_logs_carry_no_secrets(self, stack: Stack, captured_logs: Any) -> None:
+        """The canonical request log line names principal and rule but never the token or keys."""
+        issued = stack.post_token().json()
+        out = captured_logs.getvalue()
+        assert issued["token"] not in out and VENDOR_KEY not in out
+        line = next(json.loads(x) for x in out.splitlines() if '"route": "/v1/tokens"' in x)
+        assert line["principal"] == "apps/payments" and line["rule_id"] == "apps-payments"
+        assert line["status"] == 201 and "request_id" in line and "latency_ms" in line
+
+
+class TestAdmin:
+    def test_admin_endpoints_and_their_policy(self, stack: Stack) -> None:
+        """Admins list, inspect, rotate and roll back; workloads get 403 on the same routes."""
+        url = stack.broker.url
+        admin = stack.bearer("platform", "admin")
+        listed = httpx.get(f"{url}/v1/integrations", headers=admin, timeout=10)
+        assert listed.status_code == 200
+        [row] = listed.json()
+        assert row["state"] == "ok" and row["current_version"]
+        assert "partner" not in json.dumps(row).lower().replace("partner_key_version", "")
+        assert httpx.get(f"{url}/v1/integrations", headers=stack.bearer(), timeout=10).status_code == 403
+
+        path = f"{url}/v1/integrations/{REF.organization_id}/{REF.vendor_id}"
+        assert httpx.post(f"{path}/rotate", headers=stack.bearer(), timeout=10).status_code == 403
+        rotated = httpx.post(f"{path}/rotate", headers=admin, timeout=30)
+        assert rotated.status_code == 200 and rotated.json()["action"] == "rotated"
+        detail = httpx.get(path, headers=admin, timeout=10).json()
+        assert detail["current_version"] == rotated.json()["version"]
+        assert detail["previous_version"] == row["current_version"]
+        # a token issued now carries the new partner key version (the cache was invalidated)
+        assert stack.post_token().json()["partner_key_version"] == rotated.json()["version"]
+
+        back = httpx.post(f"{path}/rollback", headers=admin, timeout=30)
+        assert back.status_code == 200 and back.json()["version"] == row["current_version"]
+        unknown = httpx.get(f"{url}/v1/integrations/org-x/vendor-y", headers=admin, timeout=10)
+        assert unknown.status_code == 404
+
+    def test_add_integration_provisions_it(self, stack: Stack, sim: Any) -> None:
+        """POST /v1/integrations adds a desired pair and provisions it at once."""
+        admin = stack.bearer("platform", "admin")
+        body = {"organization_id": "org-contoso", "vendor_id": "vendor-globex"}
+        stack.config["store"]  # the vendor key for globex is written below, as a platform team would
+        created = httpx.post(f"{stack.broker.url}/v1/integrations", json=body, headers=admin, timeout=30)
+        # no vendor key yet: provisioning stops at the probe and reports it
+        assert created.status_code == 201
+        assert created.json()["ok"] is False
+
+    def test_authz_check(self, stack: Stack) -> None:
+        """The dry run says which rule decides, for the caller or (for admins) another subject."""
+        url = f"{stack.broker.url}/v1/authz/check"
+        body = {"organization_id": REF.organization_id, "vendor_id": REF.vendor_id}
+        mine = httpx.post(url, json=body, headers=stack.bearer(), timeout=10).json()
+        assert mine["allowed"] is True and mine["rule_id"] == "apps-payments" and mine["ttl_cap_seconds"] == 300
+        other = httpx.post(
+            url, json={**body, "subject": "apps/blocked"}, headers=stack.bearer("platform", "admin"), timeout=10
+        ).json()
+        assert other["allowed"] is False and other["rule_id"] == "apps-deny-blocked"
+        refused = httpx.post(url, json={**body, "subject": "apps/blocked"}, headers=stack.bearer(), timeout=10)
+        assert refused.status_code == 403
+
+
+class TestHealth:
+    def test_livez_readyz_metrics(self, stack: Stack) -> None:
+        """livez is up; readyz turns ready after the first checks; metrics expose the counters."""
+        url = stack.broker.url
+        assert httpx.get(f"{url}/livez", timeout=5).status_code == 200
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/readyz", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, httpx.get(f"{url}/readyz", timeout=5).text
+            time.sleep(0.05)
+        stack.post_token()
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+        assert "broker_tokens_issued_total" in text and "broker_http_request_seconds_bucket" in text
+        assert "broker_cache_events_total" in text
+
+    def test_openapi_document(self, stack: Stack) -> None:
+        """/openapi.json documents the token and admin routes."""
+        doc = httpx.get(f"{stack.broker.url}/openapi.json", timeout=5).json()
+        assert "/v1/tokens" in doc["paths"] and "/v1/authz/check" in doc["paths"]
+
+
+class TestHerd:
+    def test_thousand_cold_requests_one_read_per_secret(self, stack: Stack) -> None:
+        """1,000 concurrent first requests for one integration cause one backend read per secret."""
+        stack.runtime.cache.invalidate()
+        before = stack.reads()
+        headers = stack.bearer()
+        body = {"organization_id": REF.organization_id, "vendor_id": REF.vendor_id}
+
+        host, port = stack.broker.url.removeprefix("http://").split(":")
+        payload = json.dumps(body).encode()
+        request = (
+            f"POST /v1/tokens HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Authorization: {headers['Authorization']}\r\nContent-Length: {len(payload)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode() + payload
+
+        async def one(gate: asyncio.Event) -> int:
+            # One connection per request, opened first, all sent at once: a real herd.
+            reader, writer = await asyncio.open_connection(host, int(port))
+            await gate.wait()
+            writer.write(request)
+            await writer.drain()
+            status_line = await reader.readline()
+            await reader.read()
+            writer.close()
+            return int(status_line.split()[1])
+
+        async def herd() -> list[int]:
+            gate = asyncio.Event()
+            tasks = [asyncio.create_task(one(gate)) for _ in range(1000)]
+            await asyncio.sleep(0)
+            gate.set()
+            return await asyncio.gather(*tasks)
+
+        codes = asyncio.run(herd())
+        assert codes.count(201) == 1000
+        assert stack.reads() - before == 2  # the vendor key and the partner key, once each
+
+
+class TestOutage:
+    @pytest.fixture
+    def own_backend(self, backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+        server = (start_openbao if backend == "vault" else start_moto)(workdir=tmp_path_factory.mktemp("own"))
+        yield server
+        os.kill(server.pid, signal.SIGCONT)
+        server.stop()
+
+    def test_stale_then_503_then_recovery(
+        self,
+        own_backend: RunningServer,
+        backend: str,
+        broker_config: Callable[..., dict[str, Any]],
+        seed_vendor: Callable[..., None],
+        tmp_path: Path,
+        issuer: DevIssuer,
+    ) -> None:
+        """With the store frozen, tokens come from cache marked stale, then 503 + Retry-After, then recover."""
+        config = broker_config(
+            tokens={"cache_ttl_seconds": 0.5, "max_stale_seconds": 2.0},
+            vault={"url": own_backend.url, "token": own_backend.extra.get("root_token", ""), "timeout_seconds": 0.5},
+            aws={
+                "endpoint_url": own_backend.url,
+                "connect_timeout_seconds": 0.5,
+                "read_timeout_seconds": 0.5,
+                "max_attempts": 1,
+            },
+        )
+        seed_vendor(config, REF.vendor_id, VENDOR_KEY)
+        s = build_stack(config, tmp_path, issuer)
+        try:
+            assert s.post_token().json()["stale"] is False
+            os.kill(own_backend.pid, signal.SIGSTOP)
+            deadline = time.monotonic() + 20
+            seen_stale = False
+            while True:
+                response = s.post_token()
+                if response.status_code == 201 and response.json()["stale"]:
+                    seen_stale = True
+                if response.status_code == 503:
+                    break
+                assert response.status_code == 201, response.text
+                assert time.monotonic() < deadline
+            assert seen_stale, "no token was served stale before the budget ran out"
+            assert response.json()["code"] == "STORE_UNAVAILABLE"
+            assert int(response.headers["Retry-After"]) >= 1
+            os.kill(own_backend.pid, signal.SIGCONT)
+            deadline = time.monotonic() + 20
+            while (response := s.post_token()).status_code != 201:
+                assert time.monotonic() < deadline, response.text
+            assert response.json()["stale"] is False
+        finally:
+            os.kill(own_backend.pid, signal.SIGCONT)
+            s.broker.stop()
