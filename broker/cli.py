@@ -400,7 +400,13 @@ def _engine(settings: Settings, *, audited: bool, desired_file: Path | None = No
     closers.append(oem.close)
     audit: Any = NullAudit()
     if audited:
-        log = AuditLog(settings.audit, metrics=metrics).start()
+        # One writer per chain file: a running server holds the main file, so
+        # one-shot commands keep their own chain beside it (verify each).
+        audit_settings = settings.audit
+        if audit_settings.file_path is not None:
+            cli_file = audit_settings.file_path.with_name("cli-" + audit_settings.file_path.name)
+            audit_settings = audit_settings.model_copy(update={"file_path": cli_file})
+        log = AuditLog(audit_settings, metrics=metrics).start()
         closers.append(log.close)
         audit = log
     path = desired_file or settings.engine.desired_file

@@ -62,6 +62,7 @@ class AuditPort(Protocol):
         reason: str | None = None,
         details: Mapping[str, Any] | None = None,
         secrets: Mapping[str, SecretStr] | None = None,
+        vendor_id: str | None = None,
     ) -> Any: ...
 
 
@@ -77,5 +78,6 @@ class NullAudit:
         reason: str | None = None,
         details: Mapping[str, Any] | None = None,
         secrets: Mapping[str, SecretStr] | None = None,
+        vendor_id: str | None = None,
     ) -> None:
         return None

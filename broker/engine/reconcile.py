@@ -64,11 +64,15 @@ class VendorKeyWatcher:
             if old is not None and old != version:
                 changed.append(vendor_id)
                 log.info("vendor key changed", vendor_id=vendor_id, old_version=old, new_version=version)
-                self._audit.record(
-                    "vendor_key.version_changed",
-                    "success",
-                    details={"vendor_id": vendor_id, "old_version": old, "new_version": version},
-                )
+                try:
+                    self._audit.record(
+                        "vendor_key.version_changed",
+                        "success",
+                        vendor_id=vendor_id,
+                        details={"old_version": old, "new_version": version},
+                    )
+                except BrokerError as exc:
+                    log.error("audit record lost", action="vendor_key.version_changed", code=exc.code)
                 if self._on_change is not None:
                     self._on_change(vendor_id, old, version)
         return changed

@@ -93,7 +93,8 @@ class TestSettings:
         suspicious = [
             name
             for name, _ in _walk_fields(Settings)
-            if any(w in name for w in ("timeout", "interval", "ttl", "age", "grace", "stale", "backoff", "deadline"))
+            if {"timeout", "interval", "ttl", "age", "grace", "stale", "backoff", "deadline"}
+            & set(name.rsplit(".", 1)[-1].split("_"))
             and not name.endswith(("_seconds", "_ms", "_ratio", "_bytes"))
         ]
         assert suspicious == []
