@@ -9,7 +9,7 @@ import httpx
 import jwt
 import pytest
 import yaml
-from helmtools import CI_VALUES, EXAMPLES, NAMESPACE, Helm
+from helmtools import CHART, CI_VALUES, EXAMPLES, NAMESPACE, Helm
 from kubecluster import ISSUER, KubeCluster
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(1800)]
@@ -181,3 +181,45 @@ class TestTokenRequest:
         assert kube.token_review(token, None).get("authenticated", False) is False
         api_token = kube.request_token("billing", "invoicer", audience=ISSUER)
         assert kube.token_review(api_token, ["mspc-broker"]).get("authenticated", False) is False
+
+
+class TestHelmRelease:
+    """helm 4 installs and upgrades the chart on the real API server."""
+
+    RELEASE_NAMESPACE = "helm-release"
+
+    def helm_cmd(self, helm: Helm, kube: KubeCluster, *args: str) -> str:
+        """Run helm against this cluster in the release namespace; returns stdout."""
+        return helm.run(*args, "--namespace", self.RELEASE_NAMESPACE, "--kubeconfig", str(kube.kubeconfig)).stdout
+
+    def deployment(self, kube: KubeCluster) -> dict[str, Any]:
+        """The release's Deployment as stored by the API server."""
+        path = f"/apis/apps/v1/namespaces/{self.RELEASE_NAMESPACE}/deployments/mspc-broker"
+        result: dict[str, Any] = kube.request("GET", path)
+        return result
+
+    def test_install_then_upgrade_rolls_only_on_change(self, kube: KubeCluster, helm: Helm) -> None:
+        """Install picks the server's PDB API; an unchanged upgrade keeps the pod template, a policy edit changes it."""
+        kube.create_namespace(self.RELEASE_NAMESPACE)
+        chart = str(CHART)
+        self.helm_cmd(helm, kube, "install", "mspc-broker", chart)
+        pdb = kube.request(
+            "GET", f"/apis/policy/v1beta1/namespaces/{self.RELEASE_NAMESPACE}/poddisruptionbudgets/mspc-broker"
+        )
+        assert pdb["spec"]["minAvailable"] == 1
+        first = self.deployment(kube)
+
+        self.helm_cmd(helm, kube, "upgrade", "mspc-broker", chart)
+        unchanged = self.deployment(kube)
+        assert unchanged["metadata"]["generation"] == first["metadata"]["generation"]
+
+        self.helm_cmd(
+            helm, kube, "upgrade", "mspc-broker", chart, "--set-string", "policies.files.extra\\.yaml=version: 1"
+        )
+        changed = self.deployment(kube)
+        assert changed["metadata"]["generation"] == first["metadata"]["generation"] + 1
+        before = first["spec"]["template"]["metadata"]["annotations"]
+        after = changed["spec"]["template"]["metadata"]["annotations"]
+        assert after["checksum/policies"] != before["checksum/policies"]
+        assert after["checksum/settings"] == before["checksum/settings"]
+        assert "revision: 3" in self.helm_cmd(helm, kube, "status", "mspc-broker").lower()
