@@ -110,10 +110,7 @@ def _where(raw: Any, loc: tuple[int | str, ...]) -> str:
         head = f"rule {rule_id!r} ({section}[{index}])" if rule_id is not None else f"{section}[{index}]"
     path = ""
     for part in rest:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif not part.startswith(("function-", "constrained-", "nullable")):
-            path += f".{part}" if path else part
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else part
     return ": ".join(p for p in (head, path) if p) or "top level"
 
 
