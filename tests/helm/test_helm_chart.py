@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,15 @@ class TestLint:
     def test_lint_strict_passes(self, helm: Helm, values: Path) -> None:
         """The chart lints cleanly with strict checks for every values set."""
         helm.run("lint", "--strict", str(CHART), "--values", str(values))
+
+    def test_package_ships_chart_files_only(self, helm: Helm, tmp_path: Path) -> None:
+        """helm package builds an archive with the schema and templates, and without the ci/ values sets."""
+        helm.run("package", str(CHART), "--destination", str(tmp_path))
+        (archive,) = tmp_path.glob("mspc-broker-*.tgz")
+        with tarfile.open(archive) as tar:
+            names = set(tar.getnames())
+        assert {"mspc-broker/values.schema.json", "mspc-broker/templates/deployment.yaml"} <= names
+        assert not [n for n in names if n.startswith("mspc-broker/ci/")]
 
 
 @pytest.fixture(scope="module")
