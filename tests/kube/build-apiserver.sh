@@ -12,12 +12,12 @@ have_binary() {
     [[ -x "$bin" ]] && "$bin" --version 2>/dev/null | grep -qx "Kubernetes $version"
 }
 
+# apt-get install the packages whose commands are missing: need_packages CMD:PKG...
 need_packages() {
-    local missing=()
-    command -v go >/dev/null || missing+=(golang-go)
-    command -v rsync >/dev/null || missing+=(rsync)
-    command -v jq >/dev/null || missing+=(jq)
-    command -v etcd >/dev/null || missing+=(etcd-server)
+    local missing=() pair
+    for pair in "$@"; do
+        command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
+    done
     if ((${#missing[@]})); then
         echo "build-apiserver: apt-get install ${missing[*]}" >&2
         if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2; then
@@ -32,12 +32,14 @@ exec 9>"$cache/.lock"
 flock 9
 
 # etcd is needed at run time even when the binary is cached.
-need_packages
+need_packages etcd:etcd-server
 
 if have_binary; then
     echo "$bin"
     exit 0
 fi
+
+need_packages go:golang-go rsync:rsync jq:jq
 
 started=$(date +%s)
 work="$(mktemp -d "$cache/build.XXXXXX")"
