@@ -340,11 +340,13 @@ class TestSettingsConfigMap:
         assert env["BROKER_VAULT__AUTH_METHOD"] == "kubernetes"
 
     def test_aws_backend_mounts_no_vault_credentials(self, helm: Helm) -> None:
-        """With the AWS backend nothing Vault-related is mounted, and IRSA is a ServiceAccount annotation."""
+        """With the AWS backend nothing Vault-related is mounted or set, and IRSA is a ServiceAccount annotation."""
         docs = helm.render(CI["aws-irsa"])
         names = {v["name"] for v in deployment(docs)["spec"]["template"]["spec"]["volumes"]}
         assert not names & {"vault-credentials", "vault-sa-token"}
-        assert settings_env(docs)["BROKER_STORE__BACKEND"] == "aws"
+        env = settings_env(docs)
+        assert env["BROKER_STORE__BACKEND"] == "aws"
+        assert not [name for name in env if name.startswith("BROKER_VAULT__")]
         annotations = find(docs, "ServiceAccount")["metadata"]["annotations"]
         assert annotations["eks.amazonaws.com/role-arn"] == "arn:aws:iam::123456789012:role/mspc-broker"
 
