@@ -23,7 +23,7 @@ from kubecluster import ClusterError, KubeCluster, find_kubectl, start_cluster
 
 @pytest.fixture(scope="session")
 def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
-    """etcd + kube-apiserver with an admin token, a CA file and TokenRequest/TokenReview helpers."""
+    """etcd + kube-apiserver: admin token, CA file, anonymous JWKS, TokenRequest/TokenReview helpers."""
     try:
         cluster = start_cluster(tmp_path_factory.mktemp("kube"))
     except ClusterError as exc:

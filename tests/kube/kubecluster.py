@@ -205,6 +205,11 @@ class KubeCluster:
 
     issuer: str = ISSUER
 
+    @property
+    def jwks_url(self) -> str:
+        """The service-account signing keys (JWKS), readable anonymously."""
+        return f"{self.url}/openid/v1/jwks"
+
     def client(self, token: str | None = None) -> httpx.Client:
         """An HTTPS client for the API server, authenticated as the admin unless ``token`` is given."""
         return httpx.Client(
@@ -373,6 +378,7 @@ def start_cluster(workdir: Path | None = None, apiserver: Path | None = None) ->
                 f"--service-account-key-file={pki['sa.pub']}",
                 f"--service-account-signing-key-file={pki['sa.key']}",
                 f"--api-audiences={','.join(API_AUDIENCES)}",
+                f"--service-account-jwks-uri={url}/openid/v1/jwks",
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--enable-priority-and-fairness=false",
                 "--v=0",
@@ -404,7 +410,7 @@ def start_cluster(workdir: Path | None = None, apiserver: Path | None = None) ->
     ).json()["gitVersion"]
     kubeconfig = workdir / "kubeconfig"
     _kubeconfig(kubeconfig, url, pki["ca.crt"], admin_token)
-    return KubeCluster(
+    cluster = KubeCluster(
         url=url,
         ca_path=pki["ca.crt"],
         admin_token=admin_token,
@@ -415,3 +421,20 @@ def start_cluster(workdir: Path | None = None, apiserver: Path | None = None) ->
         startup_seconds=startup,
         processes=processes,
     )
+    # Like EKS and GKE: OIDC discovery and the JWKS are readable without credentials.
+    cluster.request(
+        "POST",
+        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "anonymous-service-account-issuer-discovery"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:service-account-issuer-discovery",
+            },
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:unauthenticated"}],
+        },
+    )
+    return cluster

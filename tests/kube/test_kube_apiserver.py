@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,32 @@ class TestTokenRequest:
         assert kube.token_review(token, None).get("authenticated", False) is False
         api_token = kube.request_token("billing", "invoicer", audience=ISSUER)
         assert kube.token_review(api_token, ["mspc-broker"]).get("authenticated", False) is False
+
+
+class TestOidcDiscovery:
+    """The issuer's discovery document and JWKS, as the broker's jwks identity mode reads them."""
+
+    def test_discovery_names_the_issuer_and_jwks(self, kube: KubeCluster) -> None:
+        """/.well-known/openid-configuration gives the issuer and a JWKS URL, without credentials."""
+        context = ssl.create_default_context(cafile=str(kube.ca_path))
+        response = httpx.get(f"{kube.url}/.well-known/openid-configuration", verify=context)
+        assert response.status_code == 200
+        document = response.json()
+        assert document["issuer"] == ISSUER
+        assert document["jwks_uri"] == kube.jwks_url
+        assert "RS256" in document["id_token_signing_alg_values_supported"]
+
+    def test_jwks_verifies_a_requested_token(self, kube: KubeCluster) -> None:
+        """The anonymous JWKS holds the key (by kid) that verifies a TokenRequest token."""
+        kube.create_service_account("billing", "invoicer")
+        token = kube.request_token("billing", "invoicer", audience="mspc-broker")
+        context = ssl.create_default_context(cafile=str(kube.ca_path))
+        keys = httpx.get(kube.jwks_url, verify=context).json()["keys"]
+        kid = jwt.get_unverified_header(token)["kid"]
+        (jwk,) = [k for k in keys if k["kid"] == kid]
+        key = jwt.PyJWK(jwk).key
+        decoded = jwt.decode(token, key, algorithms=["RS256"], audience="mspc-broker", issuer=ISSUER)
+        assert decoded["kubernetes.io"]["serviceaccount"]["name"] == "invoicer"
 
 
 class TestHelmRelease:
