@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -26,10 +25,11 @@ from rich.table import Table
 
 from broker import __version__
 from broker.client import DEFAULT_SA_TOKEN_FILE, BrokerClient, BrokerClientError, write_token_files
-from broker.engine.core import Engine, Outcome, find_desired
-from broker.engine.desired import DesiredIntegration, load_desired
+from broker.engine.core import Outcome, find_desired
 from broker.errors import BrokerError, ConfigError
+from broker.log import configure_logging
 from broker.models import IntegrationRef
+from broker.runtime import build_engine
 from broker.settings import Settings, load_settings
 
 P = ParamSpec("P")
@@ -72,8 +72,10 @@ def settings_from(ctx: click.Context) -> Settings:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mspc-broker")
-def cli() -> None:
+@click.option("-v", "--verbose", count=True, help="Log more to stderr (-v info, -vv debug).")
+def cli(verbose: int) -> None:
     """mspc-broker: short-lived MSPC_TOKENs for Kubernetes workloads."""
+    configure_logging(("warning", "info", "debug")[min(verbose, 2)], "auto")
 
 
 @cli.command("config")
@@ -166,7 +168,7 @@ def token_cmd(
         click.echo(
             f"wrote {out} (lease {issued.lease_id}, ttl {issued.ttl_seconds}s, "
             f"expires {issued.expires_at.isoformat()}, "
-            f"partner key v{issued.partner_key_version}, vendor key v{issued.vendor_key_version}"
+            f"partner key version {issued.partner_key_version}, vendor key version {issued.vendor_key_version}"
             + (", STALE" if issued.stale else "")
             + ")"
         )
@@ -264,7 +266,9 @@ def _when(_ctx: click.Context, _param: click.Parameter, value: str | None) -> An
     try:
         return parse_when(value) if value else None
     except ValueError:
-        raise click.BadParameter("use ISO 8601, e.g. 2026-01-31 or 2026-01-31T12:00:00Z") from None
+        raise click.BadParameter(
+            "use ISO 8601 (2026-01-31, 2026-01-31T12:00:00Z) or an age (90s, 10m, 1h, 7d)"
+        ) from None
 
 
 _audit_paths_arg = click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
@@ -305,8 +309,8 @@ def audit_hash_cmd(ctx: click.Context, value: str, key_file: Path | None) -> Non
 
 @audit_cmd.command("query")
 @_audit_paths_arg
-@click.option("--since", callback=_when, help="From this time (ISO 8601, inclusive; naive = UTC).")
-@click.option("--until", callback=_when, help="Before this time (ISO 8601, exclusive).")
+@click.option("--since", callback=_when, help="From this time (ISO 8601, naive = UTC, or an age: 10m, 1h, 7d).")
+@click.option("--until", callback=_when, help="Before this time (ISO 8601 or an age; exclusive).")
 @click.option("--subject", help="Caller as namespace/service-account.")
 @click.option("--org", "organization_id", help="Organization id.")
 @click.option("--vendor", "vendor_id", help="Vendor id.")
@@ -350,6 +354,20 @@ def audit_query_cmd(
 # -- serve and the platform-team commands -------------------------------------------
 
 
+@cli.command("dev")
+@click.option("--backend", type=click.Choice(["vault", "aws"]), default="vault", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Broker port (0 = any).")
+@click.option("--policies", type=click.Path(path_type=Path, file_okay=False), default="policies", show_default=True)
+@click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), help="Keep state here (default: temp).")
+@click.option("--once", is_flag=True, help="Stop after the demo instead of waiting for Ctrl-C.")
+def dev_cmd(backend: str, port: int, policies: Path, workdir: Path | None, once: bool) -> None:
+    """Run the whole stack locally: OpenBao (or moto), the OEM simulator, a dev issuer, the broker."""
+    from broker.dev import DevOptions, main_dev
+
+    options = DevOptions(backend=backend, port=port, policies=policies, workdir=workdir, once=once, say=click.echo)
+    sys.exit(main_dev(options))
+
+
 @cli.command("serve")
 @click.pass_context
 @handle_errors
@@ -358,7 +376,6 @@ def serve_cmd(ctx: click.Context) -> None:
     import uvicorn
 
     from broker.api.app import create_app
-    from broker.log import configure_logging
     from broker.runtime import Runtime
 
     settings = settings_from(ctx)
@@ -373,45 +390,6 @@ def serve_cmd(ctx: click.Context) -> None:
         access_log=False,
         timeout_graceful_shutdown=int(settings.server.shutdown_grace_seconds),
     )
-
-
-@dataclass
-class _EngineHandle:
-    engine: Engine
-    desired: list[DesiredIntegration]
-    closers: list[Callable[[], None]]
-
-    def close(self) -> None:
-        for closer in reversed(self.closers):
-            closer()
-
-
-def _engine(settings: Settings, *, audited: bool, desired_file: Path | None = None) -> _EngineHandle:
-    from broker.audit import AuditLog
-    from broker.engine.ports import NullAudit
-    from broker.metrics import Metrics
-    from broker.oem.client import HttpOemClient
-    from broker.stores.factory import build_store
-
-    metrics = Metrics()
-    store = build_store(settings, metrics=metrics)
-    closers: list[Callable[[], None]] = [store.close]
-    oem = HttpOemClient(settings.oem, metrics=metrics)
-    closers.append(oem.close)
-    audit: Any = NullAudit()
-    if audited:
-        # One writer per chain file: a running server holds the main file, so
-        # one-shot commands keep their own chain beside it (verify each).
-        audit_settings = settings.audit
-        if audit_settings.file_path is not None:
-            cli_file = audit_settings.file_path.with_name("cli-" + audit_settings.file_path.name)
-            audit_settings = audit_settings.model_copy(update={"file_path": cli_file})
-        log = AuditLog(audit_settings, metrics=metrics).start()
-        closers.append(log.close)
-        audit = log
-    path = desired_file or settings.engine.desired_file
-    desired = load_desired(path) if path else []
-    return _EngineHandle(Engine(settings, store, oem, audit=audit, metrics=metrics), desired, closers)
 
 
 def _ref_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -468,7 +446,7 @@ def provision_cmd(
 ) -> None:
     """Reconcile desired integrations once: provision missing keys, rotate old ones, retire expired ones."""
     settings = settings_from(ctx)
-    handle = _engine(settings, audited=True, desired_file=desired_file)
+    handle = build_engine(settings, audited=True, desired_file=desired_file)
     try:
         items = handle.desired
         if organization_id or vendor_id:
@@ -503,7 +481,7 @@ def provision_cmd(
 
 def _one(ctx: click.Context, organization_id: str, vendor_id: str, op: str, as_json: bool, **kw: Any) -> None:
     settings = settings_from(ctx)
-    handle = _engine(settings, audited=True)
+    handle = build_engine(settings, audited=True)
     try:
         ref = IntegrationRef(organization_id, vendor_id)
         desired = find_desired(handle.desired, ref)
@@ -578,7 +556,7 @@ def _age(seconds: float | None) -> str:
 def status_cmd(ctx: click.Context, desired_file: Path | None, as_json: bool) -> None:
     """A table of desired integrations: versions, key age, next rotation, state, orphans (no secrets)."""
     settings = settings_from(ctx)
-    handle = _engine(settings, audited=False, desired_file=desired_file)
+    handle = build_engine(settings, audited=False, desired_file=desired_file)
     try:
         rows = [handle.engine.status(d) for d in handle.desired]
     finally:

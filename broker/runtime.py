@@ -11,16 +11,18 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from broker.audit import AuditLog
 from broker.engine.core import Engine
-from broker.engine.desired import DesiredState, load_desired
+from broker.engine.desired import DesiredIntegration, DesiredState, load_desired
 from broker.engine.leader import Lease, StoreLease
-from broker.engine.ports import OemPort
+from broker.engine.ports import AuditPort, NullAudit, OemPort
 from broker.engine.reconcile import Reconciler, VendorKeyWatcher
 from broker.errors import BrokerError
 from broker.identity import Authenticator
@@ -206,3 +208,41 @@ class Runtime:
 def in_kubernetes() -> bool:
     """True inside a pod (the API server's env vars are set)."""
     return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+@dataclass
+class EngineHandle:
+    """An engine for one-shot commands (CLI, ``broker dev``) and what to close after it."""
+
+    engine: Engine
+    desired: list[DesiredIntegration]
+    closers: list[Callable[[], None]]
+
+    def close(self) -> None:
+        for closer in reversed(self.closers):
+            closer()
+
+
+def build_engine(settings: Settings, *, audited: bool, desired_file: Path | None = None) -> EngineHandle:
+    """Store, OEM client and (optionally) audit log for one-shot engine use.
+
+    One writer per audit chain file: a running server holds the main file, so
+    one-shot commands keep their own chain in ``<audit dir>/cli/`` (verify each).
+    """
+    metrics = Metrics()
+    store = build_store(settings, metrics=metrics)
+    closers: list[Callable[[], None]] = [store.close]
+    oem = HttpOemClient(settings.oem, metrics=metrics)
+    closers.append(oem.close)
+    audit: AuditPort = NullAudit()
+    if audited:
+        audit_settings = settings.audit
+        if audit_settings.file_path is not None:
+            cli_file = audit_settings.file_path.parent / "cli" / audit_settings.file_path.name
+            audit_settings = audit_settings.model_copy(update={"file_path": cli_file})
+        log = AuditLog(audit_settings, metrics=metrics).start()
+        closers.append(log.close)
+        audit = log
+    path = desired_file or settings.engine.desired_file
+    desired = load_desired(path) if path else []
+    return EngineHandle(Engine(settings, store, oem, audit=audit, metrics=metrics), desired, closers)

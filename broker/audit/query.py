@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,16 @@ from rich.table import Table
 from broker.audit.records import format_ts
 from broker.audit.verify import iter_lines
 
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
-def parse_when(text: str) -> datetime:
-    """An ISO-8601 date or date-time; naive values are taken as UTC."""
+
+def parse_when(text: str, *, now: datetime | None = None) -> datetime:
+    """An ISO-8601 date or date-time (naive = UTC), or an age such as ``90s``, ``10m``, ``1h``, ``7d`` ago."""
+    relative = _RELATIVE.match(text.strip())
+    if relative:
+        amount = float(relative.group(1)) * _UNIT_SECONDS[relative.group(2)]
+        return (now or datetime.now(UTC)) - timedelta(seconds=amount)
     moment = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
