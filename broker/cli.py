@@ -79,10 +79,16 @@ def cli(verbose: int) -> None:
 
 
 @cli.command("config")
+@click.option("--reference", is_flag=True, help="Print the configuration reference (Markdown) instead.")
 @click.pass_context
 @handle_errors
-def config_cmd(ctx: click.Context) -> None:
+def config_cmd(ctx: click.Context, reference: bool) -> None:
     """Validate the configuration from the environment and print it (secrets masked)."""
+    if reference:
+        from broker.settings import reference_markdown
+
+        click.echo(reference_markdown(), nl=False)
+        return
     settings = settings_from(ctx)
     click.echo(settings.model_dump_json(indent=2))
 

@@ -347,3 +347,33 @@ def load_settings(**overrides: Any) -> Settings:
             msg = err["msg"].removeprefix("Value error, ")
             problems.append(f"{_env_name(err['loc'])}: {msg}")
         raise ConfigError("; ".join(problems)) from None
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    text = text or str(annotation).replace("typing.", "").replace("pathlib.", "").replace("pydantic.types.", "")
+    return text.replace("NoneType", "None").replace("SecretStr", "secret").replace(" | ", " or ")
+
+
+def reference_markdown() -> str:
+    """The configuration reference (README): every setting with env var, type, default and description."""
+    lines: list[str] = []
+    for group_name, group_field in Settings.model_fields.items():
+        model = group_field.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        lines.append(f"#### `{group_name}`: {(model.__doc__ or '').strip().splitlines()[0]}")
+        lines.append("")
+        lines.append("| env var | type | default | description |")
+        lines.append("|---|---|---|---|")
+        for name, info in model.model_fields.items():
+            env = f"{ENV_PREFIX}{group_name}{ENV_NESTED_DELIMITER}{name}".upper()
+            if info.default_factory is not None:
+                default: Any = info.default_factory()  # type: ignore[call-arg]
+            else:
+                default = info.default
+            type_name = _type_name(info.annotation)
+            shown = "—" if default is None or "secret" in type_name else f"`{default}`"
+            description = (info.description or "").replace("|", "\\|")
+            lines.append(f"| `{env}` | {type_name} | {shown} | {description} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
