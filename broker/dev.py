@@ -44,7 +44,7 @@ from broker.engine.core import Outcome
 from broker.errors import BrokerError, ConfigError
 from broker.log import configure_logging
 from broker.runtime import build_engine
-from broker.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, load_settings
+from broker.settings import ENV_PREFIX, load_settings, settings_env
 from broker.stores.factory import build_store, vendor_key_path
 from broker.testing.jwt import DevIssuer
 from broker.testing.servers import (
@@ -89,18 +89,6 @@ class DevStack:
     pids: dict[str, int] = field(default_factory=dict)
     provisioned: list[Outcome] = field(default_factory=list)
     sample_status: int | None = None
-
-
-def _flatten(config: dict[str, Any]) -> dict[str, str]:
-    """A settings dict as BROKER_GROUP__FIELD environment variables."""
-    env: dict[str, str] = {}
-    for group, values in config.items():
-        for name, value in values.items():
-            if value is None:
-                continue
-            key = f"{ENV_PREFIX}{group}{ENV_NESTED_DELIMITER}{name}".upper()
-            env[key] = json.dumps(value) if isinstance(value, list | dict) else str(value)
-    return env
 
 
 def _write_private(path: Path, text: str) -> Path:
@@ -272,7 +260,7 @@ def run_dev(options: DevOptions, stop: threading.Event | None = None) -> DevStac
         _print_table(say, stack.provisioned)
 
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-        broker_env = _flatten(config)
+        broker_env = settings_env(config)
         env.update(broker_env)
         log_path = workdir / "broker.log"
         broker = cleanup.enter_context(_process([sys.executable, "-m", "broker", "serve"], env, log_path))

@@ -12,6 +12,7 @@ the environment at import time.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -241,9 +242,9 @@ class TokenSettings(_Group):
     """Lifetimes of issued MSPC_TOKENs and the cache behind them."""
 
     default_ttl_seconds: int = Field(
-        900, ge=30, description="TTL of an issued token when policy sets no cap, in seconds."
+        900, ge=1, description="TTL of an issued token when policy sets no cap, in seconds."
     )
-    max_ttl_seconds: int = Field(3600, ge=30, description="Upper bound of any token TTL, in seconds.")
+    max_ttl_seconds: int = Field(3600, ge=1, description="Upper bound of any token TTL, in seconds.")
     cache_ttl_seconds: float = Field(60.0, ge=0, description="How long a cached key is fresh, in seconds.")
     max_stale_seconds: float = Field(
         300.0, ge=0, description="Serve the last good key this long during a backend outage, in seconds."
@@ -327,10 +328,37 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings, description="HTTP server.")
     log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
 
+    @model_validator(mode="after")
+    def _grace_covers_tokens(self) -> Self:
+        # A replaced key must outlive every token built from it.
+        if self.engine.grace_seconds < self.tokens.max_ttl_seconds:
+            raise ValueError(
+                f"engine.grace_seconds ({self.engine.grace_seconds}) must be at least "
+                f"tokens.max_ttl_seconds ({self.tokens.max_ttl_seconds}): tokens would outlive their key"
+            )
+        return self
+
 
 def _env_name(loc: tuple[int | str, ...]) -> str:
     parts = [str(p) for p in loc if not isinstance(p, int)]
     return ENV_PREFIX + ENV_NESTED_DELIMITER.join(p.upper() for p in parts)
+
+
+def settings_env(config: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """A nested settings dict as ``BROKER_GROUP__FIELD`` environment variables (for subprocesses)."""
+    env: dict[str, str] = {}
+    for group, values in config.items():
+        for name, value in values.items():
+            if value is None:
+                continue
+            key = f"{ENV_PREFIX}{group}{ENV_NESTED_DELIMITER}{name}".upper()
+            if isinstance(value, bool):
+                env[key] = str(value).lower()
+            elif isinstance(value, list | dict):
+                env[key] = json.dumps(value)
+            else:
+                env[key] = str(value)
+    return env
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -345,7 +373,7 @@ def load_settings(**overrides: Any) -> Settings:
         problems = []
         for err in exc.errors(include_input=False, include_url=False):
             msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{_env_name(err['loc'])}: {msg}")
+            problems.append(f"{_env_name(err['loc'])}: {msg}" if err["loc"] else msg)
         raise ConfigError("; ".join(problems)) from None
 
 

@@ -98,3 +98,14 @@ class TestSettings:
             and not name.endswith(("_seconds", "_ms", "_ratio", "_bytes"))
         ]
         assert suspicious == []
+
+
+class TestCrossChecks:
+    def test_grace_must_cover_token_ttl(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A grace period shorter than the longest token TTL is refused at start, naming both settings."""
+        monkeypatch.setenv("BROKER_ENGINE__GRACE_SECONDS", "10")
+        monkeypatch.setenv("BROKER_TOKENS__MAX_TTL_SECONDS", "60")
+        with pytest.raises(ConfigError) as info:
+            load_settings()
+        assert "engine.grace_seconds (10)" in info.value.message
+        assert "tokens.max_ttl_seconds (60)" in info.value.message
