@@ -382,20 +382,21 @@ def serve_cmd(ctx: click.Context) -> None:
     import uvicorn
 
     from broker.api.app import create_app
+    from broker.api.server import DrainingServer
     from broker.runtime import Runtime
 
     settings = settings_from(ctx)
     configure_logging(settings.log.level, settings.log.format)
     runtime = Runtime(settings)
-    app = create_app(runtime)
-    uvicorn.run(
-        app,
+    config = uvicorn.Config(
+        create_app(runtime),
         host=settings.server.host,
         port=settings.server.port,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.server.shutdown_grace_seconds),
     )
+    DrainingServer(config, drain_seconds=settings.server.drain_seconds, on_drain=runtime.begin_drain).run()
 
 
 def _ref_option(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -116,6 +116,7 @@ class Runtime:
             trigger_reconcile=self.reconciler.trigger,
         )
         self._health = _Health()
+        self._draining = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -186,11 +187,17 @@ class Runtime:
             if self._stop.wait(period):
                 return
 
+    def begin_drain(self) -> None:
+        """Shutdown started: report not-ready so traffic moves elsewhere, keep serving meanwhile."""
+        self._draining = True
+        log.info("draining: /readyz now reports 503", drain_seconds=self.settings.server.drain_seconds)
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Cheap: reads what the background checks recorded."""
         now = time.monotonic()
         max_age = self.settings.server.readiness_max_age_seconds
         checks: dict[str, Any] = {
+            "accepting": not self._draining,
             "policies": True,
             "first_sync": self.reconciler.first_sync_done.is_set(),
             "audit": self.audit.healthy,

@@ -288,6 +288,12 @@ class ServerSettings(_Group):
 
     host: str = Field("127.0.0.1", description="Listen address.")
     port: int = Field(8080, ge=0, le=65535, description="Listen port (0 = pick a free one).")
+    drain_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="On SIGTERM keep serving this long while /readyz answers 503 (load balancers move away), "
+        "then shut down, in seconds; keep drain + shutdown grace below terminationGracePeriodSeconds.",
+    )
     shutdown_grace_seconds: float = Field(
         20.0, gt=0, description="On SIGTERM, wait this long for in-flight requests to finish, in seconds."
     )

@@ -1,0 +1,44 @@
+"""Serving the app: uvicorn with a drain phase before the graceful shutdown.
+
+On the first SIGTERM/SIGINT the broker keeps serving for ``drain_seconds``
+while ``/readyz`` answers 503, so Kubernetes (or any load balancer) stops
+sending new requests; then uvicorn stops accepting, lets in-flight requests
+finish (``shutdown_grace_seconds``) and runs the lifespan shutdown (reconcile
+loop stopped, leader lease released, audit stop record). A second signal
+skips what is left of the drain. The process then exits 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+import uvicorn
+
+
+class DrainingServer(uvicorn.Server):
+    """``uvicorn.Server`` whose exit signal first drains (see the module docstring)."""
+
+    def __init__(self, config: uvicorn.Config, *, drain_seconds: float, on_drain: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._drain_seconds = drain_seconds
+        self._on_drain = on_drain
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            self.force_exit = sig == signal.SIGINT
+            return
+        if self._draining or self._drain_seconds <= 0:
+            self.should_exit = True
+            return
+        self._draining = True
+        self._on_drain()
+        timer = threading.Timer(self._drain_seconds, self._finish_drain)
+        timer.daemon = True
+        timer.start()
+
+    def _finish_drain(self) -> None:
+        self.should_exit = True
