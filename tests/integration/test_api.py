@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -329,3 +330,73 @@ class TestOutage:
         finally:
             os.kill(own_backend.pid, signal.SIGCONT)
             s.broker.stop()
+
+
+class _PausableFifoReader:
+    """The far end of a FIFO audit sink: reads while ``reading`` is set, stalls the writer otherwise."""
+
+    def __init__(self, path: Path) -> None:
+        self.reading = threading.Event()
+        self.reading.set()
+        self._stop = threading.Event()
+        self._path = path
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        fd = os.open(self._path, os.O_RDONLY)
+        try:
+            while not self._stop.is_set():
+                if not self.reading.wait(0.05):
+                    continue
+                if not os.read(fd, 65536):
+                    return
+        finally:
+            os.close(fd)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.reading.set()
+        self._thread.join(10)
+
+
+class TestAuditFailClosed:
+    def test_stalled_sink_gives_503_within_the_bound_then_recovers(
+        self,
+        broker_config: Callable[..., dict[str, Any]],
+        seed_vendor: Callable[..., None],
+        tmp_path: Path,
+        issuer: DevIssuer,
+    ) -> None:
+        """When the audit sink stops taking writes, issuance answers 503 AUDIT_UNAVAILABLE within the bound
+        instead of an unaudited token, and works again once the sink drains."""
+        fifo = tmp_path / "audit.fifo"
+        os.mkfifo(fifo)
+        reader = _PausableFifoReader(fifo)
+        config = broker_config(audit={"file_path": str(fifo), "write_timeout_ms": 200})
+        seed_vendor(config, REF.vendor_id, VENDOR_KEY)
+        s = build_stack(config, tmp_path, issuer)
+        try:
+            assert s.post_token().status_code == 201
+            reader.reading.clear()  # the pipe fills (64 KiB), then every write blocks
+            for _ in range(2000):
+                start = time.monotonic()
+                response = s.post_token()
+                elapsed = time.monotonic() - start
+                if response.status_code != 201:
+                    break
+            assert response.status_code == 503, response.text
+            assert response.json()["code"] == "AUDIT_UNAVAILABLE"
+            assert "Retry-After" in response.headers
+            assert elapsed < 0.2 + 1.0  # the bound plus HTTP and scheduling overhead
+            assert "token" not in response.json()
+            failures = s.runtime.metrics.registry.get_sample_value("broker_audit_failures_total", {"reason": "timeout"})
+            assert failures and failures >= 1
+            reader.reading.set()
+            deadline = time.monotonic() + 20
+            while (response := s.post_token()).status_code != 201:
+                assert time.monotonic() < deadline, response.text
+        finally:
+            reader.reading.set()
+            s.broker.stop()
+            reader.stop()
