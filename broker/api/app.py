@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.api.errors import problem, problem_for
 from broker.engine.core import IntegrationStatus, Outcome
@@ -180,6 +181,91 @@ def _ref(org: str | None, vendor: str | None) -> IntegrationRef | None:
     return IntegrationRef(org, vendor)
 
 
+# -- the canonical log line -----------------------------------------------------------
+
+_QUIET_ROUTES = frozenset({"/livez", "/readyz", "/metrics"})
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text: str = value.decode("latin-1")
+            if text and len(text) <= 64 and text.isascii():
+                return text
+            break
+    return uuid.uuid4().hex
+
+
+class CanonicalLogMiddleware:
+    """Pure ASGI middleware: request id, metrics and one canonical log line per request.
+
+    The request id comes from ``X-Request-Id`` (when short and ASCII) or is
+    made up, is bound in structlog's contextvars for the request and echoed in
+    the response. An exception that escapes the app becomes a 500 problem
+    without a traceback. Pure ASGI (no ``BaseHTTPMiddleware``): the route runs
+    in the request's own task, with no extra task group or memory stream.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        header = (b"x-request-id", request_id.encode("ascii"))
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        state = scope.setdefault("state", {})
+        state["principal"] = None
+        state["rule_id"] = None
+        start = time.perf_counter()
+        status = 500
+        elapsed: float | None = None
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, elapsed
+            if message["type"] == "http.response.start":
+                elapsed = time.perf_counter() - start
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
+                headers.append(header)
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:  # a bug: never a traceback or a secret to the client
+            log.exception("unhandled error", path=scope["path"])
+            if elapsed is not None:
+                raise  # the response has started: nothing else can be sent
+            await problem(500, "INTERNAL", "internal error; see the broker log with this request id")(
+                scope, receive, send_wrapper
+            )
+        if elapsed is None:
+            elapsed = time.perf_counter() - start
+        route = scope.get("route")
+        route_name = getattr(route, "path", "unmatched")
+        method = scope["method"]
+        self._metrics.requests.labels(route=route_name, method=method, status=str(status)).inc()
+        self._metrics.request_seconds.labels(route=route_name).observe(elapsed)
+        if route_name not in _QUIET_ROUTES:
+            principal: Principal | None = state.get("principal")
+            log.info(
+                "request",
+                method=method,
+                route=route_name,
+                status=status,
+                principal=principal.subject if principal else None,
+                pod=principal.pod_name if principal else None,
+                rule_id=state.get("rule_id"),
+                latency_ms=round(elapsed * 1000, 3),
+            )
+        structlog.contextvars.clear_contextvars()
+
+
 # -- the app ------------------------------------------------------------------------
 
 
@@ -205,41 +291,7 @@ def create_app(runtime: RuntimeLike, *, manage_lifecycle: bool = True) -> FastAP
     service = runtime.service
     metrics = runtime.metrics
 
-    @app.middleware("http")
-    async def canonical_log_line(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        if len(request_id) > 64 or not request_id.isascii():
-            request_id = uuid.uuid4().hex
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id)
-        request.state.principal = None
-        request.state.rule_id = None
-        start = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception:  # a bug: never a traceback or a secret to the client
-            log.exception("unhandled error", path=request.url.path)
-            response = problem(500, "INTERNAL", "internal error; see the broker log with this request id")
-        elapsed = time.perf_counter() - start
-        route = request.scope.get("route")
-        route_name = getattr(route, "path", "unmatched")
-        metrics.requests.labels(route=route_name, method=request.method, status=str(response.status_code)).inc()
-        metrics.request_seconds.labels(route=route_name).observe(elapsed)
-        response.headers["X-Request-Id"] = request_id
-        if route_name not in ("/livez", "/readyz", "/metrics"):
-            principal: Principal | None = request.state.principal
-            log.info(
-                "request",
-                method=request.method,
-                route=route_name,
-                status=response.status_code,
-                principal=principal.subject if principal else None,
-                pod=principal.pod_name if principal else None,
-                rule_id=request.state.rule_id,
-                latency_ms=round(elapsed * 1000, 3),
-            )
-        structlog.contextvars.clear_contextvars()
-        return response
+    app.add_middleware(CanonicalLogMiddleware, metrics=metrics)
 
     @app.exception_handler(BrokerError)
     async def broker_error(_: Request, exc: BrokerError) -> JSONResponse:
