@@ -21,10 +21,10 @@ import httpx
 from broker.audit import AuditLog
 from broker.engine.core import Engine
 from broker.engine.desired import DesiredIntegration, DesiredState, load_desired
-from broker.engine.leader import Lease, StoreLease
+from broker.engine.leader import KubernetesLease, Lease, StoreLease
 from broker.engine.ports import AuditPort, NullAudit, OemPort
 from broker.engine.reconcile import Reconciler, VendorKeyWatcher
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConfigError
 from broker.identity import Authenticator
 from broker.log import get_logger
 from broker.metrics import Metrics
@@ -84,12 +84,7 @@ class Runtime:
             on_key_change=lambda ref: self.cache.invalidate(self.engine.partner_path(ref)),
         )
         self.authenticator = authenticator or Authenticator(settings.identity, metrics=self.metrics)
-        self.lease: Lease = lease or StoreLease(
-            self.store,
-            settings.engine.leader_path,
-            self.engine.owner,
-            lease_seconds=settings.engine.leader_lease_seconds,
-        )
+        self.lease: Lease = lease or build_lease(settings, self.store, self.engine.owner)
         self.watcher = VendorKeyWatcher(
             self.store,
             self.engine.vendor_path,
@@ -215,6 +210,38 @@ class Runtime:
 def in_kubernetes() -> bool:
     """True inside a pod (the API server's env vars are set)."""
     return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def build_lease(settings: Settings, store: SecretStore, holder: str) -> Lease:
+    """The leader lease ``engine.leader_election`` asks for (see ``broker.engine.leader``)."""
+    engine = settings.engine
+    choice = engine.leader_election
+    if choice == "auto":
+        choice = "kubernetes" if in_kubernetes() else "store"
+    if choice == "store":
+        return StoreLease(store, engine.leader_path, holder, lease_seconds=engine.leader_lease_seconds)
+    api_url = engine.kubernetes_api_url
+    if api_url is None:
+        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        if not host:
+            raise ConfigError("BROKER_ENGINE__KUBERNETES_API_URL is needed outside a pod for a Kubernetes Lease")
+        api_url = f"https://{host}:{port}"
+    namespace = engine.lease_namespace
+    if namespace is None:
+        ns_file = engine.kubernetes_token_path.with_name("namespace")
+        try:
+            namespace = ns_file.read_text(encoding="utf-8").strip()
+        except OSError:
+            raise ConfigError(f"BROKER_ENGINE__LEASE_NAMESPACE is unset and {ns_file} is unreadable") from None
+    return KubernetesLease(
+        api_url=api_url,
+        namespace=namespace,
+        name=engine.lease_name,
+        holder=holder,
+        lease_seconds=engine.leader_lease_seconds,
+        token_path=engine.kubernetes_token_path,
+        ca_bundle_path=engine.kubernetes_ca_bundle_path,
+    )
 
 
 @dataclass

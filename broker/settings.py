@@ -277,6 +277,26 @@ class EngineSettings(_Group):
     leader_path: str = Field(
         "mspc/broker-state/_leader", description="Path / secret name of the store-based leader lease."
     )
+    leader_election: Literal["auto", "store", "kubernetes"] = Field(
+        "auto",
+        description="Where the leader lease lives: a Kubernetes Lease (in a cluster), a record in the store, "
+        "or auto (kubernetes when KUBERNETES_SERVICE_HOST is set, else store).",
+    )
+    lease_name: str = Field("mspc-broker-leader", description="Name of the Kubernetes Lease.")
+    lease_namespace: str | None = Field(
+        None, description="Namespace of the Kubernetes Lease; unset = the pod's own (from the service account)."
+    )
+    kubernetes_api_url: str | None = Field(
+        None, description="Kubernetes API URL; unset = https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT."
+    )
+    kubernetes_token_path: Path = Field(
+        Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+        description="Service-account token for the Kubernetes API (Lease calls).",
+    )
+    kubernetes_ca_bundle_path: Path | None = Field(
+        Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"),
+        description="CA bundle of the Kubernetes API.",
+    )
     leader_lease_seconds: float = Field(30.0, gt=0, description="Leader lease duration, in seconds.")
     leader_renew_seconds: float = Field(
         10.0, gt=0, description="Renew the leader lease this often (AWS: keep >= 900 to stay under ~100 versions/day)."
