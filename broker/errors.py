@@ -19,6 +19,8 @@ one place, ``broker.api.errors``.
     │   ├── SecretNotFound           SECRET_NOT_FOUND
     │   └── IntegrationNotFound      INTEGRATION_NOT_FOUND
     ├── Conflict                     CONFLICT
+    │   ├── TtlUnsatisfiable         TTL_UNSATISFIABLE
+    │   └── RotationBudgetExceeded   ROTATION_BUDGET_EXCEEDED
     ├── AccessDenied                 ACCESS_DENIED
     │   └── StoreAccessDenied        STORE_ACCESS_DENIED
     ├── Unavailable                  UNAVAILABLE        (retry_after_seconds)
@@ -134,6 +136,18 @@ class Conflict(BrokerError):
     """An optimistic-concurrency check failed: somebody else won the race."""
 
     code = "CONFLICT"
+
+
+class TtlUnsatisfiable(Conflict):
+    """No token with the requested minimum lifetime can be issued now."""
+
+    code = "TTL_UNSATISFIABLE"
+
+
+class RotationBudgetExceeded(Conflict):
+    """Too many rotations of one integration in 24 hours (store version quotas)."""
+
+    code = "ROTATION_BUDGET_EXCEEDED"
 
 
 class AccessDenied(BrokerError):

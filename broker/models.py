@@ -14,16 +14,16 @@ from pydantic import SecretStr
 from broker.errors import InvalidIdentifier
 
 # Organization and vendor ids become parts of secret paths, so they are held
-# to a conservative alphabet: no '/', no '..', no whitespace, bounded length.
-IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# to a conservative alphabet: no '/', no '.', no whitespace, bounded length.
+IDENTIFIER_REGEX = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+IDENTIFIER_PATTERN = re.compile(IDENTIFIER_REGEX)
 
 
 def validate_identifier(kind: str, value: str) -> str:
     """Return ``value`` if it is a safe identifier, else raise ``InvalidIdentifier``."""
-    if not isinstance(value, str) or not IDENTIFIER_PATTERN.fullmatch(value) or ".." in value:
+    if not isinstance(value, str) or not IDENTIFIER_PATTERN.fullmatch(value):
         raise InvalidIdentifier(
-            f"{kind} must be 1-128 characters of letters, digits, '_', '.', '-', "
-            "starting with a letter or digit, without '..'"
+            f"{kind} must be 1-128 ASCII letters, digits, '_' or '-', starting with a letter or digit"
         )
     return value
 

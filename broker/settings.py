@@ -269,6 +269,13 @@ class EngineSettings(_Group):
         120.0, gt=0, description="An open intent older than this is taken over, in seconds."
     )
     concurrency: int = Field(16, ge=1, le=256, description="Integrations provisioned in parallel.")
+    max_rotations_per_day: int = Field(
+        10,
+        ge=1,
+        le=20,
+        description="Rotations of one integration allowed per 24 h (each writes ~5 store versions; AWS Secrets "
+        "Manager allows about 100 versions per secret per day). Break-glass revoke is not limited.",
+    )
     vendor_key_poll_seconds: float = Field(30.0, gt=0, description="Check vendor keys for new versions this often.")
     state_path_template: str = Field(
         "mspc/broker-state/{organization_id}/{vendor_id}",

@@ -58,6 +58,7 @@ from broker.errors import (
     NotFound,
     OemOutcomeUnknown,
     OemUnavailable,
+    RotationBudgetExceeded,
     SecretNotFound,
 )
 from broker.log import get_logger
@@ -259,6 +260,8 @@ class Engine:
         current = info.stages.get(Stage.CURRENT) if info else None
         if expected_current is not None and current != expected_current and taken_over is None:
             raise Conflict(f"{ref}: current is {current}, not {expected_current}: already rotated")
+        if op == "rotate":
+            self._check_rotation_budget(ref, state)
         now = self._clock()
         state.intent = Intent(
             op=op,
@@ -273,6 +276,17 @@ class Engine:
         loaded = save_state(self._store, path, loaded, state)
         self._step("intent_recorded", ref)
         return loaded, taken_over
+
+    def _check_rotation_budget(self, ref: IntegrationRef, state: IntegrationState) -> None:
+        """Refuse a rotation past ``engine.max_rotations_per_day`` (each one writes several versions)."""
+        day_ago = self._clock() - 86400
+        recent = [t for t in state.rotation_times if t > day_ago]
+        limit = self._settings.engine.max_rotations_per_day
+        if len(recent) >= limit:
+            raise RotationBudgetExceeded(
+                f"{ref} was rotated {len(recent)} times in the last 24 h (engine.max_rotations_per_day={limit}); "
+                "use revoke for an emergency"
+            )
 
     def _close(self, ref: IntegrationRef, loaded: Loaded, mutate: Callable[[IntegrationState], None]) -> Loaded:
         """Apply ``mutate`` and clear the intent, retrying CAS if only non-intent fields moved."""
@@ -406,6 +420,8 @@ class Engine:
             state.touch_error(None)
             state.probe_failures = 0
             state.last_rotation_at = now
+            if op != "provision":
+                state.rotation_times = [*[t for t in state.rotation_times if t > now - 86400][-100:], now]
             if old_current and old_integration and old_current != version:
                 state.retiring.append(
                     RetiringKey(
@@ -502,8 +518,10 @@ class Engine:
         return self._run(desired.ref, op, grace, expected_current)
 
     def revoke(self, desired: DesiredIntegration) -> Outcome:
-        """Break glass: rotate with zero grace and revoke the old key at once."""
-        outcome = self.rotate(desired, grace_seconds=0)
+        """Break glass: rotate with zero grace and revoke the old key at once (no rotation budget)."""
+        info = self._describe(self.partner_path(desired.ref))
+        op = "revoke" if info is not None and info.stages.get(Stage.CURRENT) else "provision"
+        outcome = self._run(desired.ref, op, 0)
         if not outcome.ok:
             return outcome
         self.retire_due(desired.ref, force=True)

@@ -77,6 +77,7 @@ class IntegrationState(BaseModel):
     last_error: str | None = None
     last_error_at: float | None = None
     probe_failures: int = 0
+    rotation_times: list[float] = Field(default_factory=list)
 
     def touch_error(self, code: str | None) -> None:
         self.last_error = code

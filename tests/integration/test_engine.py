@@ -17,7 +17,7 @@ from broker.audit import AuditLog
 from broker.engine.core import Engine
 from broker.engine.desired import DesiredIntegration
 from broker.engine.state import PARTNER_KEY_FIELD, load_state
-from broker.errors import Conflict, OemRejectedToken
+from broker.errors import Conflict, OemRejectedToken, RotationBudgetExceeded
 from broker.metrics import Metrics
 from broker.models import IntegrationRef, Stage
 from broker.mspc_token import compose
@@ -162,6 +162,22 @@ class TestLifecycle:
         rotated = h.engine.reconcile_one(desired)
         assert rotated.action == "rotated" and rotated.version != first.version
         assert h.engine.reconcile_one(desired).action == "unchanged"
+
+    def test_rotation_budget_per_day(
+        self, harness: Callable[..., Harness], broker_config: Callable[..., dict[str, Any]], sim: Any
+    ) -> None:
+        """Past engine.max_rotations_per_day a rotation is refused with a code; break-glass revoke still works."""
+        h = harness(broker_config(engine={"max_rotations_per_day": 2}))
+        desired = DesiredIntegration(REF)
+        h.engine.provision(desired)
+        assert h.engine.rotate(desired).ok
+        assert h.engine.rotate(desired).ok
+        versions = h.versions()
+        with pytest.raises(RotationBudgetExceeded) as info:
+            h.engine.rotate(desired)
+        assert info.value.code == "ROTATION_BUDGET_EXCEEDED"
+        assert h.versions() == versions
+        assert h.engine.revoke(desired).action == "revoked"
 
     def test_failed_probe_rolls_back(self, harness: Callable[..., Harness], seed_vendor: Any, sim: Any) -> None:
         """A rotation whose probe fails discards pending, keeps current, and revokes the useless integration."""
