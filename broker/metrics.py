@@ -6,7 +6,13 @@ code and similar bounded vocabularies.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from broker.errors import BrokerError
 
 
 class Metrics:
@@ -74,3 +80,20 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+@contextmanager
+def observed(metrics: Metrics | None, backend: str, operation: str) -> Iterator[None]:
+    """Count one call to an outside system, its error code (``BrokerError``) and its latency."""
+    started = time.perf_counter()
+    if metrics is not None:
+        metrics.backend_calls.labels(backend, operation).inc()
+    try:
+        yield
+    except BrokerError as exc:
+        if metrics is not None:
+            metrics.backend_errors.labels(backend, operation, exc.code).inc()
+        raise
+    finally:
+        if metrics is not None:
+            metrics.backend_seconds.labels(backend, operation).observe(time.perf_counter() - started)

@@ -67,7 +67,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
@@ -89,7 +88,7 @@ from broker.errors import (
     snippet,
 )
 from broker.log import get_logger
-from broker.metrics import Metrics
+from broker.metrics import Metrics, observed
 from broker.models import SecretInfo, SecretValue, Stage, VersionInfo, WriteResult
 from broker.settings import AwsSettings, StoreSettings
 
@@ -214,23 +213,6 @@ def _translated(
             f"aws secretsmanager gave an unexpected answer to {operation} of {where}: {type(exc).__name__}",
             retry_after_seconds=RETRY_AFTER_SECONDS,
         ) from exc
-
-
-@contextmanager
-def _observed(metrics: Metrics | None, operation: str) -> Iterator[None]:
-    """Count the call, its error code and its latency (backend ``aws``)."""
-    started = time.perf_counter()
-    if metrics is not None:
-        metrics.backend_calls.labels(BACKEND, operation).inc()
-    try:
-        yield
-    except BrokerError as exc:
-        if metrics is not None:
-            metrics.backend_errors.labels(BACKEND, operation, exc.code).inc()
-        raise
-    finally:
-        if metrics is not None:
-            metrics.backend_seconds.labels(BACKEND, operation).observe(time.perf_counter() - started)
 
 
 def _parse_value(secret_string: str) -> dict[str, SecretStr]:
@@ -376,7 +358,7 @@ class AwsStore:
 
     def read(self, path: str, *, version: str | None = None, stage: Stage | None = None) -> SecretValue:
         """GetSecretValue by VersionId, by stage label, else AWSCURRENT (or MSPC_BROKER_LATEST while unset)."""
-        with _observed(self._metrics, "read"):
+        with observed(self._metrics, BACKEND, "read"):
             path = self._check_path(path)
             if version is not None:
                 if _is_placeholder(version):
@@ -399,7 +381,7 @@ class AwsStore:
 
     def read_secret_string(self, path: str, *, version: str) -> SecretStr:
         """The whole SecretString of one version (``store.vendor_key_field = ""``)."""
-        with _observed(self._metrics, "read"):
+        with observed(self._metrics, BACKEND, "read"):
             response = self._get(self._check_path(path), version_id=version)
             if "SecretString" not in response:
                 raise InvalidInput(f"aws: {path} holds SecretBinary; the broker reads SecretString secrets only")
@@ -407,7 +389,7 @@ class AwsStore:
 
     def describe(self, path: str) -> SecretInfo:
         """DescribeSecret + ListSecretVersionIds; no values."""
-        with _observed(self._metrics, "describe"):
+        with observed(self._metrics, BACKEND, "describe"):
             path = self._check_path(path)
             described = self._describe(path)
             listed = self._version_ids(path)
@@ -465,7 +447,7 @@ class AwsStore:
         idempotency_key: str,
     ) -> WriteResult:
         """PutSecretValue into slot expected_latest + 1 (token = slot id); see the module docstring."""
-        with _observed(self._metrics, "write"):
+        with observed(self._metrics, BACKEND, "write"):
             path = self._check_path(path)
             if not data or not all(isinstance(k, str) and k for k in data):
                 raise InvalidInput("aws: a secret needs at least one non-empty field name")
@@ -528,7 +510,7 @@ class AwsStore:
 
     def move_stage(self, path: str, stage: Stage, version: str | None, *, expected: str | None) -> None:
         """UpdateSecretVersionStage with RemoveFromVersionId = where the label is now (the compare)."""
-        with _observed(self._metrics, "move_stage"):
+        with observed(self._metrics, BACKEND, "move_stage"):
             path = self._check_path(path)
             stage = Stage(stage)
             label = STAGE_LABELS[stage]
@@ -568,7 +550,7 @@ class AwsStore:
 
     def health(self) -> None:
         """ListSecrets (MaxResults=1): the endpoint answers and the credentials are accepted."""
-        with _observed(self._metrics, "health"), _translated("health", "ListSecrets"):
+        with observed(self._metrics, BACKEND, "health"), _translated("health", "ListSecrets"):
             self._client.list_secrets(MaxResults=1)
 
     def close(self) -> None:

@@ -91,7 +91,7 @@ from broker.errors import (
     snippet,
 )
 from broker.log import get_logger
-from broker.metrics import Metrics
+from broker.metrics import Metrics, observed
 from broker.models import SecretInfo, SecretValue, Stage, VersionInfo, WriteResult
 from broker.settings import StoreSettings, VaultSettings
 
@@ -154,23 +154,6 @@ def _translated(operation: str, where: str, *, login: bool = False, sensitive: b
             f"vault gave an unexpected answer to {operation} of {where}: {type(exc).__name__}",
             retry_after_seconds=RETRY_AFTER_SECONDS,
         ) from exc
-
-
-@contextmanager
-def _observed(metrics: Metrics | None, operation: str) -> Iterator[None]:
-    """Count the call, its error code and its latency (backend ``vault``)."""
-    started = time.perf_counter()
-    if metrics is not None:
-        metrics.backend_calls.labels(BACKEND, operation).inc()
-    try:
-        yield
-    except BrokerError as exc:
-        if metrics is not None:
-            metrics.backend_errors.labels(BACKEND, operation, exc.code).inc()
-        raise
-    finally:
-        if metrics is not None:
-            metrics.backend_seconds.labels(BACKEND, operation).observe(time.perf_counter() - started)
 
 
 _TIME = re.compile(r"^(?P<base>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?P<frac>\.\d+)?(?P<tz>Z|[+-]\d\d:\d\d)$")
@@ -507,7 +490,7 @@ class VaultStore:
 
     def read(self, path: str, *, version: str | None = None, stage: Stage | None = None) -> SecretValue:
         """GET {mount}/data/{path} by version, by stage (via the stage record), else current or latest."""
-        with _observed(self._metrics, "read"):
+        with observed(self._metrics, BACKEND, "read"):
             path = self._check_path(path)
             self._tokens.ensure()
             number: int | None = _version_number(version) if version is not None else None
@@ -530,7 +513,7 @@ class VaultStore:
 
     def describe(self, path: str) -> SecretInfo:
         """GET {mount}/metadata/{path} and the stage record; no values."""
-        with _observed(self._metrics, "describe"):
+        with observed(self._metrics, BACKEND, "describe"):
             path = self._check_path(path)
             self._tokens.ensure()
             meta = self._metadata(path)
@@ -568,7 +551,7 @@ class VaultStore:
         idempotency_key: str,
     ) -> WriteResult:
         """POST {mount}/data/{path} with cas=expected_latest (0 = must not exist); see the module docstring."""
-        with _observed(self._metrics, "write"):
+        with observed(self._metrics, BACKEND, "write"):
             path = self._check_path(path)
             if not data or not all(isinstance(k, str) and k for k in data):
                 raise InvalidInput("vault: a secret needs at least one non-empty field name")
@@ -617,7 +600,7 @@ class VaultStore:
 
     def move_stage(self, path: str, stage: Stage, version: str | None, *, expected: str | None) -> None:
         """POST {mount}/data/<stage_record_prefix>/{path} with cas = the record version read."""
-        with _observed(self._metrics, "move_stage"):
+        with observed(self._metrics, BACKEND, "move_stage"):
             path = self._check_path(path)
             stage = Stage(stage)
             self._tokens.ensure()
@@ -667,7 +650,7 @@ class VaultStore:
 
     def health(self) -> None:
         """GET auth/token/lookup-self with the broker's token (after login / renewal)."""
-        with _observed(self._metrics, "health"):
+        with observed(self._metrics, BACKEND, "health"):
             self._tokens.ensure()
             with _translated("health", "auth/token/lookup-self"):
                 self._client.auth.token.lookup_self()

@@ -37,23 +37,6 @@ GLOBEX_KEY = SecretStr("globex-vendor-key-dev")
 POLL_TIMEOUT_SECONDS = 5.0
 
 
-@pytest.fixture(scope="module")
-def simulator() -> Iterator[SimulatorThread]:
-    """One simulator (uvicorn thread) for the module."""
-    sim = start_simulator_thread()
-    try:
-        yield sim
-    finally:
-        sim.stop()
-
-
-@pytest.fixture
-def sim(simulator: SimulatorThread) -> SimulatorThread:
-    """The simulator, reset to its seed before the test."""
-    simulator.reset()
-    return simulator
-
-
 ClientFactory = Callable[..., HttpOemClient]
 
 

@@ -6,7 +6,6 @@ import base64
 import json
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest.mock import ANY
@@ -36,23 +35,6 @@ CONTOSO_TOKEN = "contoso-oem-token-dev"
 ACME_KEY = SecretStr("acme-vendor-key-dev")
 GLOBEX_KEY = SecretStr("globex-vendor-key-dev")
 CREATED_MESSAGE = "Successfully created an integration for an organization"
-
-
-@pytest.fixture(scope="module")
-def simulator() -> Iterator[SimulatorThread]:
-    """One simulator (uvicorn thread) for the module."""
-    sim = start_simulator_thread()
-    try:
-        yield sim
-    finally:
-        sim.stop()
-
-
-@pytest.fixture
-def sim(simulator: SimulatorThread) -> SimulatorThread:
-    """The simulator, reset to its seed before the test."""
-    simulator.reset()
-    return simulator
 
 
 @pytest.fixture
