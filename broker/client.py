@@ -20,6 +20,7 @@ This module is imported by workloads: it depends on httpx and pydantic only.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -111,6 +112,15 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+class _Retry(Exception):
+    """A failed attempt worth retrying (internal to the fetch loops)."""
+
+    def __init__(self, error: BrokerClientError, retry_after: float | None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.retry_after = retry_after
+
+
 class _Core:
     """Settings and the retry policy shared by the sync and async clients."""
 
@@ -161,6 +171,26 @@ class _Core:
         delay = self.rng.uniform(0, min(self.cap, self.base * 2**attempt))
         return max(delay, retry_after or 0.0)
 
+    def accept(self, response: httpx.Response) -> BrokerToken:
+        """The token from a 201; raise at once on a final refusal, ``_Retry`` on a retryable answer."""
+        if response.status_code == 201:
+            return _parse(response.json(), self.clock())
+        error = _problem(response)
+        if response.status_code not in RETRYABLE_STATUS:
+            raise error
+        raise _Retry(error, _retry_after(response))
+
+    def unreachable(self, exc: httpx.HTTPError) -> _Retry:
+        return _Retry(BrokerClientError("BROKER_UNREACHABLE", f"{type(exc).__name__} talking to {self.url}"), None)
+
+    def delay_or_give_up(self, started: float, attempt: int, retry: _Retry) -> float:
+        """How long to wait before the next attempt, or raise once the deadline would pass."""
+        delay = self.backoff(attempt, retry.retry_after)
+        if time.monotonic() - started + delay > self.deadline:
+            error = retry.error
+            raise BrokerClientError(error.code, f"gave up after {attempt + 1} attempts: {error.message}", error.status)
+        return delay
+
     def cached(self, force: bool) -> BrokerToken | None:
         token = self.current
         if force or token is None or token.refresh_due(self.clock(), self.refresh_ratio):
@@ -187,27 +217,15 @@ class BrokerClient:
 
     def _fetch(self) -> BrokerToken:
         core = self._core
-        start = time.monotonic()
-        attempt = 0
-        while True:
-            retry_after: float | None = None
+        started = time.monotonic()
+        for attempt in itertools.count():
             try:
-                response = self._http.post(core.url, json=core.body, headers=core.headers())
-                if response.status_code == 201:
-                    return _parse(response.json(), core.clock())
-                error = _problem(response)
-                if response.status_code not in RETRYABLE_STATUS:
-                    raise error
-                retry_after = _retry_after(response)
+                return core.accept(self._http.post(core.url, json=core.body, headers=core.headers()))
+            except _Retry as retry:
+                time.sleep(core.delay_or_give_up(started, attempt, retry))
             except httpx.HTTPError as exc:
-                error = BrokerClientError("BROKER_UNREACHABLE", f"{type(exc).__name__} talking to {core.url}")
-            delay = core.backoff(attempt, retry_after)
-            if time.monotonic() - start + delay > core.deadline:
-                raise BrokerClientError(
-                    error.code, f"gave up after {attempt + 1} attempts: {error.message}", error.status
-                )
-            time.sleep(delay)
-            attempt += 1
+                time.sleep(core.delay_or_give_up(started, attempt, core.unreachable(exc)))
+        raise AssertionError("unreachable")
 
     def auth(self) -> MspcAuth:
         """An ``httpx.Auth`` that signs Vendor API requests with the current MSPC_TOKEN."""
@@ -235,27 +253,15 @@ class AsyncBrokerClient:
 
     async def _fetch(self) -> BrokerToken:
         core = self._core
-        start = time.monotonic()
-        attempt = 0
-        while True:
-            retry_after: float | None = None
+        started = time.monotonic()
+        for attempt in itertools.count():
             try:
-                response = await self._http.post(core.url, json=core.body, headers=core.headers())
-                if response.status_code == 201:
-                    return _parse(response.json(), core.clock())
-                error = _problem(response)
-                if response.status_code not in RETRYABLE_STATUS:
-                    raise error
-                retry_after = _retry_after(response)
+                return core.accept(await self._http.post(core.url, json=core.body, headers=core.headers()))
+            except _Retry as retry:
+                await asyncio.sleep(core.delay_or_give_up(started, attempt, retry))
             except httpx.HTTPError as exc:
-                error = BrokerClientError("BROKER_UNREACHABLE", f"{type(exc).__name__} talking to {core.url}")
-            delay = core.backoff(attempt, retry_after)
-            if time.monotonic() - start + delay > core.deadline:
-                raise BrokerClientError(
-                    error.code, f"gave up after {attempt + 1} attempts: {error.message}", error.status
-                )
-            await asyncio.sleep(delay)
-            attempt += 1
+                await asyncio.sleep(core.delay_or_give_up(started, attempt, core.unreachable(exc)))
+        raise AssertionError("unreachable")
 
     def auth(self) -> MspcAuth:
         return MspcAuth(self)
