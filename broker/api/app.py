@@ -222,14 +222,14 @@ class CanonicalLogMiddleware:
         state["principal"] = None
         state["rule_id"] = None
         start = time.perf_counter()
-        status = 500
-        elapsed: float | None = None
+        started = False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status, elapsed
+            nonlocal started
             if message["type"] == "http.response.start":
-                elapsed = time.perf_counter() - start
-                status = message["status"]
+                started = True
+                # Counted and logged before the first byte leaves, as the response is decided.
+                self._observe(scope, message["status"], time.perf_counter() - start)
                 headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
                 headers.append(header)
                 message["headers"] = headers
@@ -239,19 +239,23 @@ class CanonicalLogMiddleware:
             await self.app(scope, receive, send_wrapper)
         except Exception:  # a bug: never a traceback or a secret to the client
             log.exception("unhandled error", path=scope["path"])
-            if elapsed is not None:
+            if started:
                 raise  # the response has started: nothing else can be sent
-            await problem(500, "INTERNAL", "internal error; see the broker log with this request id")(
-                scope, receive, send_wrapper
-            )
-        if elapsed is None:
-            elapsed = time.perf_counter() - start
+            await _internal_error()(scope, receive, send_wrapper)
+        else:
+            if not started:
+                log.error("unhandled error", path=scope["path"], error="the route sent no response")
+                await _internal_error()(scope, receive, send_wrapper)
+        structlog.contextvars.clear_contextvars()
+
+    def _observe(self, scope: Scope, status: int, elapsed: float) -> None:
         route = scope.get("route")
         route_name = getattr(route, "path", "unmatched")
         method = scope["method"]
         self._metrics.requests.labels(route=route_name, method=method, status=str(status)).inc()
         self._metrics.request_seconds.labels(route=route_name).observe(elapsed)
         if route_name not in _QUIET_ROUTES:
+            state = scope["state"]
             principal: Principal | None = state.get("principal")
             log.info(
                 "request",
@@ -263,7 +267,10 @@ class CanonicalLogMiddleware:
                 rule_id=state.get("rule_id"),
                 latency_ms=round(elapsed * 1000, 3),
             )
-        structlog.contextvars.clear_contextvars()
+
+
+def _internal_error() -> Response:
+    return problem(500, "INTERNAL", "internal error; see the broker log with this request id")
 
 
 # -- the app ------------------------------------------------------------------------
