@@ -219,7 +219,13 @@ def build_lease(settings: Settings, store: SecretStore, holder: str) -> Lease:
     if choice == "auto":
         choice = "kubernetes" if in_kubernetes() else "store"
     if choice == "store":
-        return StoreLease(store, engine.leader_path, holder, lease_seconds=engine.leader_lease_seconds)
+        return StoreLease(
+            store,
+            engine.leader_path,
+            holder,
+            lease_seconds=engine.leader_lease_seconds,
+            renew_seconds=engine.leader_renew_seconds,
+        )
     api_url = engine.kubernetes_api_url
     if api_url is None:
         host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")

@@ -306,7 +306,10 @@ class EngineSettings(_Group):
     )
     leader_lease_seconds: float = Field(30.0, gt=0, description="Leader lease duration, in seconds.")
     leader_renew_seconds: float = Field(
-        10.0, gt=0, description="Renew the leader lease this often (AWS: keep >= 900 to stay under ~100 versions/day)."
+        10.0,
+        gt=0,
+        description="Renew the leader lease at most this often, in seconds; each store-lease renewal is a store "
+        "version (AWS without Kubernetes: use >= 1800 with a lease of >= 3600 to stay well under ~100/day).",
     )
 
 

@@ -676,6 +676,8 @@ class Engine:
                 outcome = self._run(ref, op, self._grace(desired), current)
             else:
                 age = self._clock() - self._key_since(info, current, loaded.state)
+                if self._metrics is not None:
+                    self._metrics.key_age_seconds.labels(ref.organization_id, ref.vendor_id).set(age)
                 if age >= self._max_age(desired):
                     outcome = self._run(ref, "rotate", self._grace(desired), current)
                 else:

@@ -55,12 +55,14 @@ class StoreLease:
         holder: str,
         *,
         lease_seconds: float,
+        renew_seconds: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._path = path
         self.holder = holder
         self._lease_seconds = lease_seconds
+        self._renew_seconds = lease_seconds / 3 if renew_seconds is None else min(renew_seconds, lease_seconds)
         self._clock = clock
 
     def _read(self) -> tuple[dict[str, object], str | None]:
@@ -86,6 +88,8 @@ class StoreLease:
             expires_at = float(str(record.get("expires_at", 0)))
             if holder not in (None, self.holder) and expires_at > now:
                 return False
+            if holder == self.holder and expires_at - self._lease_seconds + self._renew_seconds > now:
+                return True  # renewed recently: no new store version (AWS counts them)
             self._write({"holder": self.holder, "expires_at": now + self._lease_seconds}, version)
             return True
         except Conflict:

@@ -321,3 +321,27 @@ class TestOemTrouble:
         assert state.intent is None and state.last_error == "OEM_UNAVAILABLE"
         sim.clear_faults()
         assert h.engine.reconcile_one(DesiredIntegration(REF)).action == "provisioned"
+
+
+class TestStoreLease:
+    def test_one_holder_renewals_are_cheap_takeover_after_expiry(self, harness: Callable[..., Harness]) -> None:
+        """Only one replica holds the lease; renewing inside the window writes nothing; an expired lease moves."""
+        from broker.engine.leader import StoreLease
+
+        h = harness()
+        clock = FakeClock()
+        path = h.settings.engine.leader_path
+        a = StoreLease(h.store, path, "replica-a", lease_seconds=30, renew_seconds=10, clock=clock)
+        b = StoreLease(h.store, path, "replica-b", lease_seconds=30, renew_seconds=10, clock=clock)
+        assert a.try_acquire() and not b.try_acquire()
+        written = len(h.store.describe(path).versions)
+        clock.advance(5)
+        assert a.try_acquire() and not b.try_acquire()
+        assert len(h.store.describe(path).versions) == written  # no version for a renewal inside the window
+        clock.advance(6)
+        assert a.try_acquire()
+        assert len(h.store.describe(path).versions) == written + 1
+        clock.advance(31)  # a stopped renewing (crashed)
+        assert b.try_acquire() and not a.try_acquire()
+        b.release()
+        assert a.try_acquire()
