@@ -14,10 +14,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import structlog
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -29,15 +29,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from broker.api.errors import problem, problem_for
 from broker.engine.core import IntegrationStatus, Outcome
 from broker.engine.desired import DesiredIntegration
-from broker.errors import BrokerError, InvalidInput
+from broker.errors import BrokerError, InvalidIdentifier, InvalidInput
 from broker.log import get_logger
 from broker.metrics import Metrics
-from broker.models import IntegrationRef, Principal
+from broker.models import IDENTIFIER_REGEX, IntegrationRef, Principal
 from broker.service import BrokerService
 
 log = get_logger("api")
 
 Auth = Annotated[str | None, Header(description="Bearer <Kubernetes projected service-account token>")]
+OrgPath = Annotated[str, Path(pattern=IDENTIFIER_REGEX, description="MSPC organizationId.")]
+VendorPath = Annotated[str, Path(pattern=IDENTIFIER_REGEX, description="MSPC vendorId.")]
 
 
 class RuntimeLike(Protocol):
@@ -59,8 +61,8 @@ class RuntimeLike(Protocol):
 class TokenRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    organization_id: str = Field(min_length=1, max_length=128, description="MSPC organizationId.")
-    vendor_id: str = Field(min_length=1, max_length=128, description="MSPC vendorId.")
+    organization_id: str = Field(pattern=IDENTIFIER_REGEX, description="MSPC organizationId.")
+    vendor_id: str = Field(pattern=IDENTIFIER_REGEX, description="MSPC vendorId.")
     min_ttl_seconds: int = Field(0, ge=0, le=86400, description="Refuse rather than issue a token living less.")
 
 
@@ -78,8 +80,8 @@ class TokenResponse(BaseModel):
 class IntegrationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    organization_id: str = Field(min_length=1, max_length=128)
-    vendor_id: str = Field(min_length=1, max_length=128)
+    organization_id: str = Field(pattern=IDENTIFIER_REGEX, description="MSPC organizationId.")
+    vendor_id: str = Field(pattern=IDENTIFIER_REGEX, description="MSPC vendorId.")
     max_key_age_seconds: int | None = Field(None, gt=0, description="Rotate after this age, in seconds.")
     grace_seconds: int | None = Field(None, ge=0, description="Old key stays valid this long, in seconds.")
 
@@ -156,14 +158,28 @@ class OutcomeView(BaseModel):
         )
 
 
+class IntegrationKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    organization_id: str = Field(pattern=IDENTIFIER_REGEX, description="MSPC organizationId.")
+    vendor_id: str = Field(pattern=IDENTIFIER_REGEX, description="MSPC vendorId.")
+
+
+Action = Literal[
+    "token:issue", "integration:read", "integration:provision", "integration:rotate", "integration:revoke", "audit:read"
+]
+
+
 class AuthzCheckRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    organization_id: str | None = Field(None, min_length=1, max_length=128)
-    vendor_id: str | None = Field(None, min_length=1, max_length=128)
-    action: str = Field("token:issue", description="token:issue, integration:read, ... ")
+    action: Action = Field("token:issue", description="The action to check.")
+    integration: IntegrationKey | None = Field(None, description="The integration; unset for unscoped actions.")
     subject: str | None = Field(
-        None, description="namespace/service-account to check instead of the caller (needs integration:read)."
+        None,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        max_length=317,
+        description="namespace/service-account to check instead of the caller (needs integration:read).",
     )
 
 
@@ -174,14 +190,6 @@ class AuthzCheckResponse(BaseModel):
     rule_id: str | None
     reason: str
     ttl_cap_seconds: int | None
-
-
-def _ref(org: str | None, vendor: str | None) -> IntegrationRef | None:
-    if org is None and vendor is None:
-        return None
-    if org is None or vendor is None:
-        raise InvalidInput("give both organization_id and vendor_id, or neither")
-    return IntegrationRef(org, vendor)
 
 
 # -- the canonical log line -----------------------------------------------------------
@@ -390,8 +398,12 @@ def create_app(runtime: RuntimeLike, *, manage_lifecycle: bool = True) -> FastAP
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return problem(400, InvalidInput.code, f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
+        loc = tuple(first.get("loc", ()))
+        where = ".".join(str(p) for p in loc if p != "body")
+        code = InvalidInput.code
+        if loc and loc[-1] in ("organization_id", "vendor_id") and first.get("type") == "string_pattern_mismatch":
+            code = InvalidIdentifier.code
+        return problem(400, code, f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -451,7 +463,7 @@ def create_app(runtime: RuntimeLike, *, manage_lifecycle: bool = True) -> FastAP
         "/v1/integrations/{organization_id}/{vendor_id}", response_model=IntegrationView, responses=problem_responses
     )
     async def get_integration(
-        organization_id: str, vendor_id: str, request: Request, authorization: Auth = None
+        organization_id: OrgPath, vendor_id: VendorPath, request: Request, authorization: Auth = None
     ) -> IntegrationView:
         """Versions, stages, ages and state of one integration."""
         principal = await caller(request, authorization)
@@ -470,7 +482,7 @@ def create_app(runtime: RuntimeLike, *, manage_lifecycle: bool = True) -> FastAP
 
         def make(verb: str) -> Callable[..., Awaitable[OutcomeView]]:
             async def action(
-                organization_id: str, vendor_id: str, request: Request, authorization: Auth = None
+                organization_id: OrgPath, vendor_id: VendorPath, request: Request, authorization: Auth = None
             ) -> OutcomeView:
                 principal = await caller(request, authorization)
                 ref = IntegrationRef(organization_id, vendor_id)
@@ -495,13 +507,11 @@ def create_app(runtime: RuntimeLike, *, manage_lifecycle: bool = True) -> FastAP
     async def authz_check(body: AuthzCheckRequest, request: Request, authorization: Auth = None) -> AuthzCheckResponse:
         """Dry run: would this principal be allowed, and which rule decides."""
         principal = await caller(request, authorization)
-        ref = _ref(body.organization_id, body.vendor_id)
+        ref = IntegrationRef(body.integration.organization_id, body.integration.vendor_id) if body.integration else None
         subject = principal
         if body.subject is not None and body.subject != principal.subject:
             await service.authorize(principal, "integration:read", ref)
-            namespace, sep, account = body.subject.partition("/")
-            if not sep or not namespace or not account:
-                raise InvalidInput("subject must be namespace/service-account")
+            namespace, _, account = body.subject.partition("/")
             subject = Principal(namespace=namespace, service_account=account)
         decision = service.check(subject, body.action, ref)
         return AuthzCheckResponse(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import base64
 import json
 import os
@@ -206,7 +207,7 @@ class TestAdmin:
     def test_authz_check(self, stack: Stack) -> None:
         """The dry run says which rule decides, for the caller or (for admins) another subject."""
         url = f"{stack.broker.url}/v1/authz/check"
-        body = {"organization_id": REF.organization_id, "vendor_id": REF.vendor_id}
+        body: dict[str, Any] = {"integration": {"organization_id": REF.organization_id, "vendor_id": REF.vendor_id}}
         mine = httpx.post(url, json=body, headers=stack.bearer(), timeout=10).json()
         assert mine["allowed"] is True and mine["rule_id"] == "apps-payments" and mine["ttl_cap_seconds"] == 300
         other = httpx.post(
@@ -238,6 +239,21 @@ class TestHealth:
 
 
 class TestHerd:
+    @pytest.fixture
+    def stack(
+        self,
+        broker_config: Callable[..., dict[str, Any]],
+        seed_vendor: Callable[..., None],
+        tmp_path: Path,
+        issuer: DevIssuer,
+    ) -> Iterator[Stack]:
+        # This test is about read coalescing; a loaded CI machine must not turn it into an audit-latency test.
+        config = broker_config(audit={"write_timeout_ms": 10000})
+        seed_vendor(config, REF.vendor_id, VENDOR_KEY)
+        s = build_stack(config, tmp_path, issuer)
+        yield s
+        s.broker.stop()
+
     def test_thousand_cold_requests_one_read_per_secret(self, stack: Stack) -> None:
         """1,000 concurrent first requests for one integration cause one backend read per secret."""
         stack.runtime.cache.invalidate()
@@ -272,7 +288,7 @@ class TestHerd:
             return await asyncio.gather(*tasks)
 
         codes = asyncio.run(herd())
-        assert codes.count(201) == 1000
+        assert codes.count(201) == 1000, collections.Counter(codes)
         assert stack.reads() - before == 2  # the vendor key and the partner key, once each
 
 
