@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -33,7 +32,7 @@ from broker.errors import BrokerError, InvalidIdentifier, InvalidInput
 from broker.log import get_logger
 from broker.metrics import Metrics
 from broker.models import IDENTIFIER_REGEX, IntegrationRef, Principal
-from broker.service import BrokerService
+from broker.service import BrokerService, new_id
 
 log = get_logger("api")
 
@@ -204,7 +203,7 @@ def _request_id(scope: Scope) -> str:
             if text and len(text) <= 64 and text.isascii():
                 return text
             break
-    return uuid.uuid4().hex
+    return new_id()
 
 
 class CanonicalLogMiddleware:
