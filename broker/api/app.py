@@ -219,6 +219,7 @@ class CanonicalLogMiddleware:
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
         self.app = app
         self._metrics = metrics
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -262,8 +263,15 @@ class CanonicalLogMiddleware:
         route = scope.get("route")
         route_name = getattr(route, "path", "unmatched")
         method = scope["method"]
-        self._metrics.requests.labels(route=route_name, method=method, status=str(status)).inc()
-        self._metrics.request_seconds.labels(route=route_name).observe(elapsed)
+        key = (route_name, method, status)
+        children = self._children.get(key)
+        if children is None:  # labels() takes a lock and builds a key: once per route, method and status
+            children = self._children[key] = (
+                self._metrics.requests.labels(route=route_name, method=method, status=str(status)),
+                self._metrics.request_seconds.labels(route=route_name),
+            )
+        children[0].inc()
+        children[1].observe(elapsed)
         if route_name not in _QUIET_ROUTES:
             state = scope["state"]
             principal: Principal | None = state.get("principal")

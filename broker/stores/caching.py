@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -81,12 +82,16 @@ class CachingStore:
         self._inflight: dict[CacheKey, Future[SecretValue]] = {}
         self._generation: dict[str, int] = {}
         self._refresher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cache-refresh")
+        self._event_counters: dict[str, Any] = {}
 
     # -- metrics ---------------------------------------------------------------
 
     def _event(self, name: str) -> None:
         if self._metrics is not None:
-            self._metrics.cache_events.labels(event=name).inc()
+            counter = self._event_counters.get(name)
+            if counter is None:  # labels() takes a lock and builds a key: once per event name
+                counter = self._event_counters[name] = self._metrics.cache_events.labels(event=name)
+            counter.inc()
 
     # -- cached reads ------------------------------------------------------------
 
