@@ -293,15 +293,20 @@ def main() -> int:
             for target in order:
                 result = run_load(wrk, target, args.connections, args.threads, args.duration)
                 results[target.name].append(result)
-                errors = sum(v for k, v in result.items() if k.startswith("errors_"))
+                errors = {k.removeprefix("errors_"): v for k, v in result.items() if k.startswith("errors_") and v}
                 print(
                     f"  run {round_no + 1} {target.name:<40} {result['rps']:>9.0f} req/s  "
                     f"p50 {result['p50_us'] / 1000:6.2f} ms  p99 {result['p99_us'] / 1000:6.2f} ms"
-                    + (f"  ERRORS {errors}" if errors else ""),
+                    + (f"  errors {errors}" if errors else ""),
                     flush=True,
                 )
 
         audit_report = verify_audit(on_groups)
+        audit_failures = {
+            line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in httpx.get(f"{broker_on.url}/metrics", timeout=10).text.splitlines()
+            if line.startswith("broker_audit_failures_total{")
+        }
         micro_rows = micro(on_groups, bearer)
 
     rows = []
@@ -326,7 +331,10 @@ def main() -> int:
     for name, rps, p50, p99, errors in rows:
         print(f"{name:<40} {rps:>10.0f} {p50:>8.2f} {p99:>8.2f} {errors:>7}")
     print()
-    print(f"audit trail after the run: {audit_report}")
+    print(
+        f"audit trail after the run: {audit_report}; audit failures (503 AUDIT_UNAVAILABLE): {audit_failures or 'none'}"
+    )
+    print(f"load average at the end (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("identity + policy decision, in-process (median per call):")
     for name, us in micro_rows:
         print(f"  {name:<56} {us:8.1f} us")
