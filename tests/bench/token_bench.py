@@ -11,6 +11,8 @@ loopback ports, provisions one integration, then starts two broker processes:
 * ``broker audit off``: ``tests/bench/_noaudit_server.py``, the same command
   with the service's audit replaced in-process by a no-op (there is no
   audit-off setting in the product, on purpose);
+* ``broker audit on, file on tmpfs`` (for information): the product with its
+  audit file in /dev/shm, to show how much of the audit's cost is the disk;
 
 and measures, with wrk (32 connections, keep-alive, warm cache), each of:
 the two brokers issuing tokens, and OpenBao answering the KV v2 read of one
@@ -32,6 +34,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -228,7 +231,11 @@ def main() -> int:
         )
     loadgen = f"wrk ({wrk}), {args.threads} thread(s)" if wrk else "Python asyncio load generator"
 
-    with bench_workdir("token-bench-") as workdir, Processes(workdir) as procs:
+    with (
+        bench_workdir("token-bench-") as workdir,
+        tempfile.TemporaryDirectory(prefix="token-bench-", dir="/dev/shm") as shm,
+        Processes(workdir) as procs,
+    ):
         vault = procs.openbao()
         seed = write_seed(workdir / "seed.yaml", organizations=1)
         sim = procs.simulator(seed)
@@ -257,7 +264,16 @@ def main() -> int:
             desired_file=desired,
             audit_file=workdir / "audit-off" / "audit.jsonl",
         )
+        tmpfs_groups = broker_settings(
+            vault=vault,
+            sim=sim,
+            issuer=issuer,
+            workdir=workdir,
+            desired_file=desired,
+            audit_file=Path(shm) / "audit.jsonl",
+        )
         broker_on = procs.spawn("broker-audit-on", [PYTHON, "-m", "broker", "serve"], env_of(on_groups))
+        broker_tmpfs = procs.spawn("broker-audit-tmpfs", [PYTHON, "-m", "broker", "serve"], env_of(tmpfs_groups))
         broker_off = procs.spawn("broker-audit-off", [PYTHON, str(HERE / "_noaudit_server.py")], env_of(off_groups))
 
         bearer = "Bearer " + issuer.mint(*SUBJECT, ttl_seconds=3600)
@@ -267,6 +283,14 @@ def main() -> int:
             Target("broker, audit on", f"{broker_on.url}/v1/tokens", "POST", body, token_headers, 201),
             Target(
                 "broker, audit off (bench-only server)", f"{broker_off.url}/v1/tokens", "POST", body, token_headers, 201
+            ),
+            Target(
+                "broker, audit on, file on tmpfs (info)",
+                f"{broker_tmpfs.url}/v1/tokens",
+                "POST",
+                body,
+                token_headers,
+                201,
             ),
             Target(
                 "OpenBao KV v2 read (1 secret)",
@@ -322,7 +346,7 @@ def main() -> int:
                 errors,
             )
         )
-    on, off, bao = rows
+    on, off, _tmpfs, bao = rows
     print()
     print(
         f"{'configuration':<40} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}   (medians of "
