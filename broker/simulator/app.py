@@ -701,19 +701,24 @@ class Simulator:
 
     # -- Vendor API ----------------------------------------------------------------
 
-    async def _accounts_create(self, request: Request, call: Call) -> Response:
-        """POST /api/vendor-api/organization/accounts (upsert by vendorAccountId)"""
-        integration = self._authenticate_vendor_api(request, call)
-        account = validate(VendorAccount, call.json_object())
-        view = account.model_dump(by_alias=True)
+    def _upsert(self, table: dict[str, Any], key: str, view: dict[str, Any], noun: str) -> Response:
+        """Insert or replace ``table[key]``: 201 when new, 200 when it replaced an entry."""
         with self.world.lock:
-            created = account.vendor_account_id not in integration.accounts
-            integration.accounts[account.vendor_account_id] = view
+            created = key not in table
+            table[key] = view
             self.world.touch()
         status = 201 if created else 200
         verb = "created" if created else "updated"
         return JSONResponse(
-            {"status": status, "message": f"Successfully {verb} vendor account", "account": view}, status_code=status
+            {"status": status, "message": f"Successfully {verb} vendor {noun}", noun: view}, status_code=status
+        )
+
+    async def _accounts_create(self, request: Request, call: Call) -> Response:
+        """POST /api/vendor-api/organization/accounts (upsert by vendorAccountId)"""
+        integration = self._authenticate_vendor_api(request, call)
+        account = validate(VendorAccount, call.json_object())
+        return self._upsert(
+            integration.accounts, account.vendor_account_id, account.model_dump(by_alias=True), "account"
         )
 
     async def _accounts_list(self, request: Request, call: Call) -> Response:
@@ -727,16 +732,7 @@ class Simulator:
         """POST /api/vendor-api/organization/services (upsert by id)"""
         integration = self._authenticate_vendor_api(request, call)
         service = validate(VendorService, call.json_object())
-        view = service.model_dump(by_alias=True)
-        with self.world.lock:
-            created = service.id not in integration.services
-            integration.services[service.id] = view
-            self.world.touch()
-        status = 201 if created else 200
-        verb = "created" if created else "updated"
-        return JSONResponse(
-            {"status": status, "message": f"Successfully {verb} vendor service", "service": view}, status_code=status
-        )
+        return self._upsert(integration.services, service.id, service.model_dump(by_alias=True), "service")
 
     async def _status_update(self, request: Request, call: Call) -> Response:
         """PATCH /api/vendor-api/status/{status} (a body, if any, must be JSON and is ignored)"""
