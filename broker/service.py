@@ -78,7 +78,7 @@ new_id = _RandomIds()
 
 
 class AuthenticatorPort(Protocol):
-    def authenticate(self, bearer: str) -> Principal: ...
+    async def authenticate_async(self, bearer: str) -> Principal: ...
 
 
 class PolicyPort(Protocol):
@@ -149,7 +149,8 @@ class BrokerService:
         try:
             if not bearer:
                 raise AuthenticationFailed("missing bearer token (Authorization: Bearer <service-account token>)")
-            return self._auth.authenticate(bearer)
+            # Cache hits answer inline; a signature check or JWKS refetch runs off the event loop.
+            return await self._auth.authenticate_async(bearer)
         except AuthenticationFailed as exc:
             await self._audit.arecord("auth.failed", "failure", reason=exc.message, details={"error_code": exc.code})
             raise
