@@ -241,8 +241,8 @@ class Engine:
 
     def _acquire(
         self, ref: IntegrationRef, op: str, grace_seconds: int, expected_current: str | None = None
-    ) -> tuple[Loaded, Intent | None]:
-        """CAS-record an intent; returns (state, stale intent taken over or None).
+    ) -> tuple[Loaded, Intent | None, SecretInfo | None]:
+        """CAS-record an intent; returns (state, stale intent taken over or None, partner-key info read).
 
         Raises ``Conflict`` if a live intent is held by somebody else, the CAS
         lost, or ``current`` is no longer ``expected_current`` (somebody else
@@ -275,7 +275,7 @@ class Engine:
             state.orphan_check = True
         loaded = save_state(self._store, path, loaded, state)
         self._step("intent_recorded", ref)
-        return loaded, taken_over
+        return loaded, taken_over, info
 
     def _check_rotation_budget(self, ref: IntegrationRef, state: IntegrationState) -> None:
         """Refuse a rotation past ``engine.max_rotations_per_day`` (each one writes several versions)."""
@@ -324,7 +324,7 @@ class Engine:
         return None
 
     def _run(self, ref: IntegrationRef, op: str, grace_seconds: int, expected_current: str | None = None) -> Outcome:
-        loaded, taken_over = self._acquire(ref, op, grace_seconds, expected_current)
+        loaded, taken_over, info = self._acquire(ref, op, grace_seconds, expected_current)
         intent = loaded.state.intent
         assert intent is not None
         ppath = self.partner_path(ref)
@@ -361,7 +361,8 @@ class Engine:
         if created.possible_duplicate:
             self._emit(op, "orphan_suspected", "failure", ref, reason="create retried after an ambiguous failure")
 
-        info = self._describe(ppath)
+        # `info` is from before the OEM call: nobody else writes here while we hold the intent, and
+        # the write re-reads the latest version itself if that ever proves wrong (Conflict).
         data = {
             PARTNER_KEY_FIELD: created.partner_key,
             INTEGRATION_ID_FIELD: SecretStr(created.integration_id),
@@ -370,7 +371,7 @@ class Engine:
         written = self._write_with_retry(ppath, data, info, intent.id)
         self._step("key_stored", ref)
         self._emit(op, "key_stored", "success", ref, partner_key_version=written, integration_id=created.integration_id)
-        value = self._store.read(ppath, version=written)
+        value = SecretValue(ppath, written, data)
         if created.possible_duplicate:
             loaded = save_state(
                 self._store,
@@ -629,7 +630,7 @@ class Engine:
         created an integration but not stored its key yet.
         """
         try:
-            loaded, _ = self._acquire(ref, "sweep", 0)
+            loaded, _, _ = self._acquire(ref, "sweep", 0)
         except Conflict:
             return 0
         known = self.known_integration_ids(ref)
