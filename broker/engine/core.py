@@ -73,6 +73,9 @@ log = get_logger("engine")
 
 StepHook = Callable[[str, IntegrationRef], None]
 
+# A state record and the partner key's describe, read in that order (see Engine._acquire).
+_Known = tuple[Loaded, SecretInfo | None]
+
 _STEP_ACTION = {
     "provision": "provision.step",
     "rotate": "rotation.step",
@@ -156,6 +159,10 @@ class Engine:
         self._clock = clock
         self._on_step = on_step
         self._on_key_change = on_key_change
+        # Vendor keys read during the running reconcile_all pass(es) (see _probe); None outside a pass.
+        self._vendor_memo: dict[str, SecretValue] | None = None
+        self._passes = 0
+        self._pass_lock = threading.Lock()
 
     # -- paths -------------------------------------------------------------
 
@@ -240,23 +247,38 @@ class Engine:
     # -- intents -----------------------------------------------------------
 
     def _acquire(
-        self, ref: IntegrationRef, op: str, grace_seconds: int, expected_current: str | None = None
+        self,
+        ref: IntegrationRef,
+        op: str,
+        grace_seconds: int,
+        expected_current: str | None = None,
+        known: _Known | None = None,
     ) -> tuple[Loaded, Intent | None, SecretInfo | None]:
         """CAS-record an intent; returns (state, stale intent taken over or None, partner-key info read).
+
+        ``known`` is a state record and a partner-key describe the caller read
+        just now, in that order; otherwise both are read here (same order).
+        The order is what makes them safe to reuse: every saga changes the
+        state record before and after it touches the partner key, so if the
+        intent's CAS over that state version wins, no saga ran since, and the
+        describe made after that read is still what the saga sees.
 
         Raises ``Conflict`` if a live intent is held by somebody else, the CAS
         lost, or ``current`` is no longer ``expected_current`` (somebody else
         already rotated the key this caller meant to replace).
         """
         path = self.state_path(ref)
-        loaded = load_state(self._store, path)
+        if known is None:
+            loaded = load_state(self._store, path)
+            info = self._describe(self.partner_path(ref))
+        else:
+            loaded, info = known
         state = loaded.state.model_copy(deep=True)
         taken_over: Intent | None = None
         if state.intent is not None:
             if not self._stale(state.intent):
                 raise Conflict(f"{ref}: a {state.intent.op} by {state.intent.owner} is in progress")
             taken_over = state.intent
-        info = self._describe(self.partner_path(ref))
         current = info.stages.get(Stage.CURRENT) if info else None
         if expected_current is not None and current != expected_current and taken_over is None:
             raise Conflict(f"{ref}: current is {current}, not {expected_current}: already rotated")
@@ -307,11 +329,11 @@ class Engine:
 
     # -- the saga ----------------------------------------------------------
 
-    def _find_intent_version(self, ref: IntegrationRef, intent: Intent) -> SecretValue | None:
-        """The partner-key version a (crashed) intent stored, if any."""
+    def _find_intent_version(self, ref: IntegrationRef, intent: Intent) -> tuple[SecretValue | None, SecretInfo | None]:
+        """The partner-key version a (crashed) intent stored, if any, and the describe it was found by."""
         info = self._describe(self.partner_path(ref))
         if info is None:
-            return None
+            return None, None
         candidates = [info.stages.get(Stage.PENDING), info.stages.get(Stage.CURRENT), info.latest_version]
         for version in dict.fromkeys(v for v in candidates if v):
             try:
@@ -320,17 +342,28 @@ class Engine:
                 continue
             marker = value.data.get(INTENT_ID_FIELD)
             if marker is not None and marker.get_secret_value() == intent.id:
-                return value
-        return None
+                return value, info
+        return None, info
 
     def _run(self, ref: IntegrationRef, op: str, grace_seconds: int, expected_current: str | None = None) -> Outcome:
-        loaded, taken_over, info = self._acquire(ref, op, grace_seconds, expected_current)
+        return self._saga(ref, op, grace_seconds, expected_current)[0]
+
+    def _saga(
+        self,
+        ref: IntegrationRef,
+        op: str,
+        grace_seconds: int,
+        expected_current: str | None = None,
+        known: _Known | None = None,
+    ) -> tuple[Outcome, Loaded | None]:
+        """Run one saga; returns its outcome and the state record it left (None if unknown)."""
+        loaded, taken_over, info = self._acquire(ref, op, grace_seconds, expected_current, known)
         intent = loaded.state.intent
         assert intent is not None
         ppath = self.partner_path(ref)
         if taken_over is not None:
             self._emit(taken_over.op, "intent_taken_over", "success", ref, stale_intent_id=taken_over.id)
-            found = self._find_intent_version(ref, taken_over)
+            found, info = self._find_intent_version(ref, taken_over)
             if found is not None:
                 # The crashed run stored its key: adopt its id so the stored
                 # version matches, and continue from the stage moves.
@@ -340,7 +373,7 @@ class Engine:
                 loaded = save_state(
                     self._store, self.state_path(ref), loaded, loaded.state.model_copy(update={"intent": intent})
                 )
-                return self._finish(ref, loaded, intent, found, resumed=True)
+                return self._finish(ref, loaded, intent, found, info, resumed=True)
 
         try:
             created = self._oem.create_external_integration(ref)
@@ -368,7 +401,7 @@ class Engine:
             INTEGRATION_ID_FIELD: SecretStr(created.integration_id),
             INTENT_ID_FIELD: SecretStr(intent.id),
         }
-        written = self._write_with_retry(ppath, data, info, intent.id)
+        written, info = self._write_with_retry(ppath, data, info, intent.id)
         self._step("key_stored", ref)
         self._emit(op, "key_stored", "success", ref, partner_key_version=written, integration_id=created.integration_id)
         value = SecretValue(ppath, written, data)
@@ -379,36 +412,54 @@ class Engine:
                 loaded,
                 loaded.state.model_copy(update={"orphan_check": True}),
             )
-        return self._finish(ref, loaded, intent, value, resumed=False)
+        return self._finish(ref, loaded, intent, value, info, resumed=False)
 
-    def _write_with_retry(self, path: str, data: dict[str, SecretStr], info: SecretInfo | None, intent_id: str) -> str:
+    def _write_with_retry(
+        self, path: str, data: dict[str, SecretStr], info: SecretInfo | None, intent_id: str
+    ) -> tuple[str, SecretInfo | None]:
+        """Append the partner key; returns its version and the last describe if it still holds (None if not)."""
         expected = info.latest_version if info else None
         for _ in range(5):
             try:
-                return self._store.write(path, data, expected_latest=expected, idempotency_key=intent_id).version
+                written = self._store.write(path, data, expected_latest=expected, idempotency_key=intent_id)
+                return written.version, info
             except Conflict:
-                fresh = self._describe(path)
-                expected = fresh.latest_version if fresh else None
+                info = self._describe(path)
+                expected = info.latest_version if info else None
         raise Conflict(f"{path}: could not append the partner key after 5 attempts")
 
     def _finish(
-        self, ref: IntegrationRef, loaded: Loaded, intent: Intent, value: SecretValue, *, resumed: bool
-    ) -> Outcome:
+        self,
+        ref: IntegrationRef,
+        loaded: Loaded,
+        intent: Intent,
+        value: SecretValue,
+        info: SecretInfo | None,
+        *,
+        resumed: bool,
+    ) -> tuple[Outcome, Loaded | None]:
+        """Stage, probe, promote and close; ``info`` is the partner key's describe since the intent was recorded.
+
+        The stage pointers are taken from ``info`` instead of being read again:
+        each move is a compare-and-swap on the pointer, so one that moved
+        meanwhile (a rollback, another replica) makes the move fail with
+        ``Conflict`` exactly as a fresh read would have shown.
+        """
         ppath = self.partner_path(ref)
         op = intent.op
-        info = self._store.describe(ppath)
+        stages = info.stages if info is not None else {}
         version = value.version
-        if info.stages.get(Stage.CURRENT) != version:
-            pending = info.stages.get(Stage.PENDING)
+        if stages.get(Stage.CURRENT) != version:
+            pending = stages.get(Stage.PENDING)
             if pending != version:
                 self._store.move_stage(ppath, Stage.PENDING, version, expected=pending)
             self._step("pending_staged", ref)
             try:
                 self._probe(ref, value)
             except BrokerError as exc:
-                return self._probe_failed(ref, loaded, intent, value, exc)
+                return self._probe_failed(ref, loaded, intent, value, exc), None
             self._step("probed", ref)
-            self._store.move_stage(ppath, Stage.CURRENT, version, expected=info.stages.get(Stage.CURRENT))
+            self._store.move_stage(ppath, Stage.CURRENT, version, expected=stages.get(Stage.CURRENT))
             self._store.move_stage(ppath, Stage.PENDING, None, expected=version)
         self._step("promoted", ref)
         if self._on_key_change is not None:
@@ -438,15 +489,35 @@ class Engine:
             op, "promoted", "success", ref, partner_key_version=version, previous_version=old_current, resumed=resumed
         )
         log.info("partner key promoted", ref=str(ref), op=op, version=version, resumed=resumed)
-        orphans = 0
+        action = op + ("d" if op.endswith("e") else "ed")
         if loaded.state.orphan_check:
-            orphans = self.sweep_orphans(ref)
-        return Outcome(ref, op + ("d" if op.endswith("e") else "ed"), version=version, orphans=orphans)
+            # The sweep writes the state record again: the caller must read it anew.
+            return Outcome(ref, action, version=version, orphans=self.sweep_orphans(ref)), None
+        return Outcome(ref, action, version=version), loaded
 
     def _probe(self, ref: IntegrationRef, value: SecretValue) -> None:
-        vendor = self.vendor_secret(self.vendor_key(ref.vendor_id))
-        token = compose(vendor, value.field(PARTNER_KEY_FIELD))
-        self._oem.probe_vendor_api(token)
+        """Call the Vendor API with the new partner key and the vendor key.
+
+        Inside ``reconcile_all`` the vendor key is read once per pass; if a
+        probe with that copy fails, the key is read again and, if it has
+        changed meanwhile, the probe is repeated with the new one, so the
+        answer is the same as with a fresh read.
+        """
+        partner = value.field(PARTNER_KEY_FIELD)
+        memo = self._vendor_memo
+        if memo is None:
+            self._oem.probe_vendor_api(compose(self.vendor_secret(self.vendor_key(ref.vendor_id)), partner))
+            return
+        vendor = memo.get(ref.vendor_id)
+        if vendor is None:
+            vendor = memo[ref.vendor_id] = self.vendor_key(ref.vendor_id)
+        try:
+            self._oem.probe_vendor_api(compose(self.vendor_secret(vendor), partner))
+        except BrokerError:
+            fresh = memo[ref.vendor_id] = self.vendor_key(ref.vendor_id)
+            if fresh.version == vendor.version:
+                raise
+            self._oem.probe_vendor_api(compose(self.vendor_secret(fresh), partner))
 
     def _probe_failed(
         self, ref: IntegrationRef, loaded: Loaded, intent: Intent, value: SecretValue, exc: BrokerError
@@ -568,9 +639,12 @@ class Engine:
 
     def retire_due(self, ref: IntegrationRef, *, force: bool = False) -> int:
         """Revoke and retire replaced keys whose grace has ended; returns how many."""
+        return self._retire_due(ref, load_state(self._store, self.state_path(ref)), force=force)
+
+    def _retire_due(self, ref: IntegrationRef, loaded: Loaded, *, force: bool = False) -> int:
+        """``retire_due`` on a state record read (or written) just now; its saves are CAS over it."""
         spath = self.state_path(ref)
         ppath = self.partner_path(ref)
-        loaded = load_state(self._store, spath)
         now = self._clock()
         due = [r for r in loaded.state.retiring if force or r.retire_at <= now]
         if not due:
@@ -667,25 +741,28 @@ class Engine:
         """Bring one integration to its desired state (provision, rotate when old, retire, sweep)."""
         ref = desired.ref
         try:
-            info = self._describe(self.partner_path(ref))
-            current = info.stages.get(Stage.CURRENT) if info else None
+            # State first, then the describe: _acquire may reuse both (see there).
             loaded = load_state(self._store, self.state_path(ref))
             if loaded.state.intent is not None and not self._stale(loaded.state.intent):
                 return Outcome(ref, "busy", message=f"{loaded.state.intent.op} by {loaded.state.intent.owner}")
+            info = self._describe(self.partner_path(ref))
+            current = info.stages.get(Stage.CURRENT) if info else None
+            after: Loaded | None = loaded
             if current is None or loaded.state.intent is not None:
                 op = "provision" if current is None else "rotate"
-                outcome = self._run(ref, op, self._grace(desired), current)
+                outcome, after = self._saga(ref, op, self._grace(desired), current, (loaded, info))
             else:
                 age = self._clock() - self._key_since(info, current, loaded.state)
                 if self._metrics is not None:
                     self._metrics.key_age_seconds.labels(ref.organization_id, ref.vendor_id).set(age)
                 if age >= self._max_age(desired):
-                    outcome = self._run(ref, "rotate", self._grace(desired), current)
+                    outcome, after = self._saga(ref, "rotate", self._grace(desired), current, (loaded, info))
                 else:
                     outcome = Outcome(ref, "unchanged", version=current)
                     if loaded.state.orphan_check:
                         outcome = Outcome(ref, "unchanged", version=current, orphans=self.sweep_orphans(ref))
-            self.retire_due(ref)
+                        after = None
+            self._retire_due(ref, after if after is not None else load_state(self._store, self.state_path(ref)))
             return outcome
         except Conflict as exc:
             return Outcome(ref, "busy", code=exc.code, message=exc.message)
@@ -705,6 +782,10 @@ class Engine:
         workers = max(1, min(concurrency or self._settings.engine.concurrency, len(items) or 1))
         results: list[Outcome] = []
         lock = threading.Lock()
+        with self._pass_lock:
+            self._passes += 1
+            if self._vendor_memo is None:
+                self._vendor_memo = {}
 
         def one(item: DesiredIntegration) -> Outcome:
             outcome = self.reconcile_one(item)
@@ -714,8 +795,14 @@ class Engine:
                 progress(outcome)
             return outcome
 
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile") as pool:
-            list(pool.map(one, items))
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile") as pool:
+                list(pool.map(one, items))
+        finally:
+            with self._pass_lock:
+                self._passes -= 1
+                if not self._passes:
+                    self._vendor_memo = None
         return results
 
     # -- status ----------------------------------------------------------------

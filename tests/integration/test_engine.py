@@ -199,6 +199,30 @@ class TestLifecycle:
         assert h.metrics.rotations.labels(outcome="probe_failed")._value.get() == 1
 
 
+class TestReconcilePass:
+    def test_vendor_key_changed_during_a_pass_is_read_again(
+        self, harness: Callable[..., Harness], seed_vendor: Any, sim: Any
+    ) -> None:
+        """A pass reads a vendor key once; a probe refused with that copy reads it again and uses a new version."""
+        other = IntegrationRef("org-fabrikam", REF.vendor_id)
+        written: list[str] = []
+
+        def on_step(step: str, ref: IntegrationRef) -> None:
+            # The second saga fixes the vendor key after the pass has read (and kept) the bad one.
+            if step == "pending_staged" and ref == other and not written:
+                seed_vendor(h.config, REF.vendor_id, VENDOR_KEY)
+                written.append(step)
+
+        h = harness(on_step=on_step)
+        seed_vendor(h.config, REF.vendor_id, "not-the-vendor-key")
+        outcomes = h.engine.reconcile_all([DesiredIntegration(REF), DesiredIntegration(other)], concurrency=1)
+        by_ref = {o.ref: o for o in outcomes}
+        assert by_ref[REF].action == "probe_failed"  # a fresh read gave the same bad version: refused
+        assert by_ref[other].action == "provisioned"
+        assert written == ["pending_staged"]
+        assert len(sim.live_integrations()) == 1
+
+
 class TestRaces:
     def test_three_processes_race_one_rotation(self, harness: Callable[..., Harness], sim: Any, tmp_path: Path) -> None:
         """Three engine processes asked to replace the same key: one new version, one new OEM integration."""
