@@ -53,6 +53,21 @@ TARGET_RATE_AT_1000 = 100.0
 TARGET_SCALING = 1.3
 
 
+def _count_store_http_requests() -> list[int]:
+    """Count every HTTP request the store's client sends (hvac over requests), for the report."""
+    import requests
+
+    count = [0]
+    send = requests.Session.send
+
+    def counted(self: requests.Session, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        count[0] += 1
+        return send(self, request, **kwargs)
+
+    requests.Session.send = counted  # type: ignore[method-assign]
+    return count
+
+
 def worker(n: int, concurrency: int) -> None:
     """One engine process: provision org-00001..N for VENDOR_ID; print one JSON result line."""
     import os
@@ -68,6 +83,7 @@ def worker(n: int, concurrency: int) -> None:
     from broker.stores.factory import build_store
 
     configure_logging("warning", "json", open(os.devnull, "w"))  # noqa: SIM115 - for the process's life
+    http_requests = _count_store_http_requests()
     settings = load_settings()
     metrics = Metrics()
     store = build_store(settings, metrics=metrics)
@@ -103,6 +119,7 @@ def worker(n: int, concurrency: int) -> None:
                 "n": n,
                 "seconds": seconds,
                 "actions": actions,
+                "store_http_requests": http_requests[0],
                 "store_reads": calls("vault", "read") + calls("vault", "describe"),
                 "store_writes": calls("vault", "write") + calls("vault", "move_stage"),
                 "audit_records": int(
@@ -212,7 +229,9 @@ def main() -> int:
     print(
         f"(per integration: {rows[-1]['oem_calls'] / rows[-1]['n']:.1f} OEM calls, "
         f"{rows[-1]['store_reads'] / rows[-1]['n']:.1f} store reads, "
-        f"{rows[-1]['store_writes'] / rows[-1]['n']:.1f} store writes; simulator peak RSS {sim_peak:.0f} MiB, "
+        f"{rows[-1]['store_writes'] / rows[-1]['n']:.1f} store writes, "
+        f"{rows[-1]['store_http_requests'] / rows[-1]['n']:.1f} HTTP requests to OpenBao; "
+        f"simulator peak RSS {sim_peak:.0f} MiB, "
         f"OpenBao peak RSS {bao_peak:.0f} MiB)"
     )
     print()

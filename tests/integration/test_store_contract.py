@@ -111,6 +111,16 @@ def store(
 
 
 @pytest.fixture
+def other(store: SecretStore, openbao: RunningServer, moto_server: RunningServer) -> Iterator[SecretStore]:
+    """A second store object on the same backend and server: another process or replica."""
+    built: SecretStore = vault_store(openbao) if store.backend == "vault" else aws_store(moto_server)
+    try:
+        yield built
+    finally:
+        built.close()
+
+
+@pytest.fixture
 def path() -> str:
     return f"contract/{uuid.uuid4().hex}"
 
@@ -312,6 +322,57 @@ class TestSecretStoreContract:
         assert canary not in logs
         for exc in errors:
             assert canary not in cause_chain_text(exc)
+
+
+class TestTwoClients:
+    """What one store object learned is never taken for the truth once another client has moved on."""
+
+    def test_write_after_another_client_wrote(self, store: SecretStore, other: SecretStore, path: str) -> None:
+        """A writer whose latest version is outdated gets Conflict; the same value as the new latest replays it."""
+        v1 = store.write(path, vals(k="one"), expected_latest=None, idempotency_key="1").version
+        assert other.read(path).version == v1
+        v2 = other.write(path, vals(k="two"), expected_latest=v1, idempotency_key="2").version
+        with pytest.raises(Conflict):
+            store.write(path, vals(k="late"), expected_latest=v1, idempotency_key="3")
+        again = store.write(path, vals(k="two"), expected_latest=v1, idempotency_key="2")
+        assert (again.version, again.created) == (v2, False)
+        v3 = store.write(path, vals(k="three"), expected_latest=v2, idempotency_key="4").version
+        assert [v.version for v in other.describe(path).versions] == [v1, v2, v3]
+
+    def test_create_after_a_miss_when_another_client_created(
+        self, store: SecretStore, other: SecretStore, path: str
+    ) -> None:
+        """A path seen empty, then created by another client: a create with another value is a Conflict."""
+        with pytest.raises(SecretNotFound):
+            store.describe(path)
+        with pytest.raises(SecretNotFound):
+            store.read(path)
+        v1 = other.write(path, vals(k="theirs"), expected_latest=None, idempotency_key="a").version
+        with pytest.raises(Conflict):
+            store.write(path, vals(k="mine"), expected_latest=None, idempotency_key="b")
+        same = store.write(path, vals(k="theirs"), expected_latest=None, idempotency_key="a")
+        assert (same.version, same.created) == (v1, False)
+        info = other.describe(path)
+        assert [v.version for v in info.versions] == [v1]
+        assert info.owner == "mspc-broker"
+
+    def test_stage_moves_after_another_client_moved(self, store: SecretStore, other: SecretStore, path: str) -> None:
+        """A stage move is decided on the pointer as it is now, whoever moved it last."""
+        v1 = store.write(path, vals(k="one"), expected_latest=None, idempotency_key="1").version
+        v2 = store.write(path, vals(k="two"), expected_latest=v1, idempotency_key="2").version
+        store.move_stage(path, Stage.PENDING, v1, expected=None)
+        store.move_stage(path, Stage.CURRENT, v1, expected=None)
+        other.move_stage(path, Stage.PENDING, None, expected=v1)
+        other.move_stage(path, Stage.CURRENT, v2, expected=v1)
+        with pytest.raises(Conflict):
+            store.move_stage(path, Stage.PENDING, v2, expected=v1)
+        with pytest.raises(Conflict):
+            store.move_stage(path, Stage.CURRENT, v1, expected=None)
+        store.move_stage(path, Stage.PENDING, v2, expected=None)
+        store.move_stage(path, Stage.CURRENT, v1, expected=v2)
+        stages = dict(other.describe(path).stages)
+        assert stages == {Stage.CURRENT: v1, Stage.PENDING: v2, Stage.PREVIOUS: v2}
+        assert other.read(path).version == v1
 
 
 def _wait_until(condition: Callable[[], bool], timeout_seconds: float, what: str) -> None:
