@@ -54,17 +54,17 @@ TARGET_SCALING = 1.3
 
 
 def _count_store_http_requests() -> list[int]:
-    """Count every HTTP request the store's client sends (hvac over requests), for the report."""
-    import requests
+    """Count every HTTP request the store sends (hvac over urllib3; the OEM client uses httpx), for the report."""
+    from urllib3.connectionpool import HTTPConnectionPool
 
     count = [0]
-    send = requests.Session.send
+    urlopen = HTTPConnectionPool.urlopen
 
-    def counted(self: requests.Session, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+    def counted(self: HTTPConnectionPool, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
         count[0] += 1
-        return send(self, request, **kwargs)
+        return urlopen(self, method, url, *args, **kwargs)
 
-    requests.Session.send = counted  # type: ignore[method-assign]
+    HTTPConnectionPool.urlopen = counted  # type: ignore[method-assign]
     return count
 
 
