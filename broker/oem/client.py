@@ -58,6 +58,7 @@ CREATE_PATH = "/api/oem-api/integration"
 LIST_PATH = "/api/oem-api/integration/list"
 REVOKE_PATH = "/api/oem-api/integration/{integration_id}"
 PROBE_PATH = "/api/vendor-api/organization/accounts"
+_KEEPALIVE_CONNECTIONS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +131,9 @@ class HttpOemClient:
             timeout=self._timeout(settings.deadline_seconds),
             follow_redirects=False,
             trust_env=False,
+            # The engine calls from up to engine.concurrency threads (le=256): keep that many connections
+            # alive instead of httpx's 20, or every burst past 20 opens (and then drops) new ones.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=_KEEPALIVE_CONNECTIONS),
             headers={"User-Agent": f"mspc-broker/{__version__}", "Accept": "application/json"},
         )
 
