@@ -66,7 +66,7 @@ from broker.metrics import Metrics
 from broker.models import IntegrationRef, SecretInfo, SecretValue, Stage
 from broker.mspc_token import compose
 from broker.settings import Settings
-from broker.stores.base import SecretStore
+from broker.stores.base import SagaStore, SecretStore
 from broker.stores.factory import partner_key_path, vendor_key_path
 
 log = get_logger("engine")
@@ -163,6 +163,12 @@ class Engine:
         self._vendor_memo: dict[str, SecretValue] | None = None
         self._passes = 0
         self._pass_lock = threading.Lock()
+        self._promote = store.promote if isinstance(store, SagaStore) else self._promote_in_two_moves
+
+    def _promote_in_two_moves(self, path: str, version: str, *, expected_current: str | None) -> None:
+        """``SagaStore.promote`` for a store without it: current to ``version``, then pending unset."""
+        self._store.move_stage(path, Stage.CURRENT, version, expected=expected_current)
+        self._store.move_stage(path, Stage.PENDING, None, expected=version)
 
     # -- paths -------------------------------------------------------------
 
@@ -459,8 +465,7 @@ class Engine:
             except BrokerError as exc:
                 return self._probe_failed(ref, loaded, intent, value, exc), None
             self._step("probed", ref)
-            self._store.move_stage(ppath, Stage.CURRENT, version, expected=stages.get(Stage.CURRENT))
-            self._store.move_stage(ppath, Stage.PENDING, None, expected=version)
+            self._promote(ppath, version, expected_current=stages.get(Stage.CURRENT))
         self._step("promoted", ref)
         if self._on_key_change is not None:
             self._on_key_change(ref)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from broker.errors import SecretNotFound
-from broker.stores.base import SecretStore
+from broker.stores.base import SagaStore, SecretStore
 
 STATE_FIELD = "state"
 
@@ -93,9 +93,13 @@ class Loaded:
 
 
 def load_state(store: SecretStore, path: str) -> Loaded:
-    """Read the latest state record (an empty one if none exists yet)."""
+    """Read the latest state record (an empty one if none exists yet).
+
+    A state record has no stage pointers, so the latest version is what
+    ``read`` would return; ``read_latest`` gets it without the stage lookup.
+    """
     try:
-        value = store.read(path)
+        value = store.read_latest(path) if isinstance(store, SagaStore) else store.read(path)
     except SecretNotFound:
         return Loaded(IntegrationState(), None)
     raw = value.field(STATE_FIELD).get_secret_value()

@@ -548,6 +548,24 @@ class AwsStore:
                 from_version=expected,
             )
 
+    def read_latest(self, path: str) -> SecretValue:
+        """GetSecretValue of ``MSPC_BROKER_LATEST``: the newest version, whatever the stages say."""
+        with observed(self._metrics, BACKEND, "read"):
+            path = self._check_path(path)
+            try:
+                response = self._get(path, label=LATEST_LABEL)
+            except SecretNotFound:
+                raise SecretNotFound(f"aws: {path} has no versions yet") from None
+            return self._to_value(path, response)
+
+    def promote(self, path: str, version: str, *, expected_current: str | None) -> None:
+        """``move_stage`` of current, then of pending (Secrets Manager moves one label at a time)."""
+        labels = (self._describe(self._check_path(path)).get("VersionIdsToStages") or {}).get(version) or []
+        if STAGE_LABELS[Stage.PENDING] not in labels:
+            raise Conflict(f"aws: pending of {path} is not at {version}")
+        self.move_stage(path, Stage.CURRENT, version, expected=expected_current)
+        self.move_stage(path, Stage.PENDING, None, expected=version)
+
     def health(self) -> None:
         """ListSecrets (MaxResults=1): the endpoint answers and the credentials are accepted."""
         with observed(self._metrics, BACKEND, "health"), _translated("health", "ListSecrets"):

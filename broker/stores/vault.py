@@ -858,21 +858,7 @@ class VaultStore:
             new.pop(Stage.PREVIOUS, None)
             if expected is not None:
                 new[Stage.PREVIOUS] = expected
-        record_path = self._stage_path(path)
-        if record_version == 0:
-            self._ensure_metadata(record_path)  # the record path is the broker's own: same values every time
-        try:
-            with _translated("stage write", self._where(record_path)):
-                body = self._kv.create_or_update_secret(
-                    path=record_path,
-                    secret={s.value: v for s, v in new.items()},
-                    cas=record_version,
-                    mount_point=self._mount,
-                )
-        except Conflict:
-            self._hints.records.pop(path, None)
-            raise
-        self._hints.saw_record(path, int(body["data"]["version"]), new)
+        self._put_record(path, record_version, new)
         _log.info(
             "store_stage_moved",
             backend=BACKEND,
@@ -881,6 +867,73 @@ class VaultStore:
             to_version=str(number) if number is not None else None,
             from_version=expected,
         )
+
+    def _put_record(self, path: str, record_version: int, stages: dict[Stage, str]) -> None:
+        """POST the stage record of ``path`` with cas=record_version; ``Conflict`` if it moved meanwhile."""
+        record_path = self._stage_path(path)
+        if record_version == 0:
+            self._ensure_metadata(record_path)  # the record path is the broker's own: same values every time
+        try:
+            with _translated("stage write", self._where(record_path)):
+                body = self._kv.create_or_update_secret(
+                    path=record_path,
+                    secret={s.value: v for s, v in stages.items()},
+                    cas=record_version,
+                    mount_point=self._mount,
+                )
+        except Conflict:
+            self._hints.records.pop(path, None)
+            raise
+        self._hints.saw_record(path, int(body["data"]["version"]), stages)
+
+    def read_latest(self, path: str) -> SecretValue:
+        """GET {mount}/data/{path}: the newest version, no stage lookup (``stages`` empty)."""
+        with observed(self._metrics, BACKEND, "read"):
+            path = self._check_path(path)
+            self._tokens.ensure()
+            got, data, meta = self._read_version(path, None)
+            self._hints.saw_version(path, got, _plain(_to_secret_map(data)))
+            return SecretValue(
+                path=path,
+                version=str(got),
+                data=_to_secret_map(data),
+                created_at=_parse_time(meta.get("created_time")),
+            )
+
+    def promote(self, path: str, version: str, *, expected_current: str | None) -> None:
+        """One stage-record write (CAS): current -> ``version``, previous -> old current, pending unset."""
+        with observed(self._metrics, BACKEND, "promote"):
+            path = self._check_path(path)
+            number = str(_version_number(version))
+            self._tokens.ensure()
+
+            def promoted(stages: Mapping[Stage, str]) -> dict[Stage, str] | None:
+                if stages.get(Stage.PENDING) != number or stages.get(Stage.CURRENT) != expected_current:
+                    return None
+                new: dict[Stage, str] = {s: v for s, v in stages.items() if s not in (Stage.PENDING, Stage.PREVIOUS)}
+                new[Stage.CURRENT] = number
+                if expected_current is not None:
+                    new[Stage.PREVIOUS] = expected_current
+                return new
+
+            hinted = self._hints.records.get(path)
+            new = promoted(hinted[1]) if hinted is not None else None
+            if hinted is not None and new is not None:
+                with contextlib.suppress(Conflict):  # decided afresh below
+                    self._put_record(path, hinted[0], new)
+                    _log.info(
+                        "store_promoted", backend=BACKEND, path=path, to_version=number, from_version=expected_current
+                    )
+                    return
+            record_version, stages = self._stage_record(path)
+            new = promoted(stages)
+            if new is None:
+                raise Conflict(
+                    f"vault: {self._where(path)} has current {stages.get(Stage.CURRENT) or 'unset'} and pending "
+                    f"{stages.get(Stage.PENDING) or 'unset'}, not {expected_current or 'unset'} and {number}"
+                )
+            self._put_record(path, record_version, new)
+            _log.info("store_promoted", backend=BACKEND, path=path, to_version=number, from_version=expected_current)
 
     def health(self) -> None:
         """GET auth/token/lookup-self with the broker's token (after login / renewal)."""

@@ -121,7 +121,7 @@ def worker(n: int, concurrency: int) -> None:
                 "actions": actions,
                 "store_http_requests": http_requests[0],
                 "store_reads": calls("vault", "read") + calls("vault", "describe"),
-                "store_writes": calls("vault", "write") + calls("vault", "move_stage"),
+                "store_writes": calls("vault", "write") + calls("vault", "move_stage") + calls("vault", "promote"),
                 "audit_records": int(
                     metrics.registry.get_sample_value("broker_audit_records_total", {"sink": "file"}) or 0
                 ),

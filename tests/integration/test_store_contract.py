@@ -33,7 +33,7 @@ from broker.metrics import Metrics
 from broker.models import Stage
 from broker.settings import AwsSettings, StoreSettings, VaultSettings
 from broker.stores.aws import AwsStore
-from broker.stores.base import SecretStore
+from broker.stores.base import SagaStore, SecretStore
 from broker.stores.vault import VaultStore
 from broker.testing.servers import RunningServer, find_bao_binary, free_port, start_moto, start_openbao
 
@@ -283,6 +283,41 @@ class TestSecretStoreContract:
             store.read(path, version=v1 + "999")
         with pytest.raises(SecretNotFound):
             store.move_stage(path, Stage.CURRENT, v1 + "999", expected=None)
+
+    def test_read_latest_ignores_stages(self, store: SecretStore, path: str) -> None:
+        """read_latest returns the newest version even while current points at an older one."""
+        assert isinstance(store, SagaStore)
+        with pytest.raises(SecretNotFound):
+            store.read_latest(path)
+        v1 = store.write(path, vals(k="one"), expected_latest=None, idempotency_key="1").version
+        assert plain(store.read_latest(path).data) == {"k": "one"}
+        store.move_stage(path, Stage.CURRENT, v1, expected=None)
+        v2 = store.write(path, vals(k="two"), expected_latest=v1, idempotency_key="2").version
+        latest = store.read_latest(path)
+        assert (latest.version, plain(latest.data)) == (v2, {"k": "two"})
+        assert store.read(path).version == v1
+
+    def test_promote_moves_pending_to_current(self, store: SecretStore, other: SecretStore, path: str) -> None:
+        """promote makes pending current (old current -> previous, pending unset) only if both pointers are as named."""
+        assert isinstance(store, SagaStore)
+        v1 = store.write(path, vals(k="one"), expected_latest=None, idempotency_key="1").version
+        v2 = store.write(path, vals(k="two"), expected_latest=v1, idempotency_key="2").version
+        store.move_stage(path, Stage.PENDING, v1, expected=None)
+        store.promote(path, v1, expected_current=None)
+        assert dict(store.describe(path).stages) == {Stage.CURRENT: v1}
+        store.move_stage(path, Stage.PENDING, v2, expected=None)
+        with pytest.raises(Conflict):
+            store.promote(path, v2, expected_current=v2)
+        with pytest.raises(Conflict):
+            store.promote(path, v1, expected_current=v1)
+        other.move_stage(path, Stage.CURRENT, v2, expected=v1)  # another client moved current meanwhile
+        with pytest.raises(Conflict):
+            store.promote(path, v2, expected_current=v1)
+        assert dict(store.describe(path).stages) == {Stage.CURRENT: v2, Stage.PENDING: v2, Stage.PREVIOUS: v1}
+        other.move_stage(path, Stage.CURRENT, v1, expected=v2)
+        store.promote(path, v2, expected_current=v1)
+        assert dict(other.describe(path).stages) == {Stage.CURRENT: v2, Stage.PREVIOUS: v1}
+        assert store.read(path).version == v2
 
     def test_health(self, store: SecretStore) -> None:
         """health() returns when the backend answers and accepts the broker's credentials."""
