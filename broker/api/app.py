@@ -9,6 +9,7 @@ request carries request id, principal, deciding rule, outcome and latency.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -20,9 +21,8 @@ from fastapi import FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.api.errors import problem, problem_for
@@ -32,7 +32,7 @@ from broker.errors import BrokerError, InvalidIdentifier, InvalidInput
 from broker.log import get_logger
 from broker.metrics import Metrics
 from broker.models import IDENTIFIER_REGEX, IntegrationRef, Principal
-from broker.service import BrokerService, new_id
+from broker.service import BrokerService, IssuedToken, new_id
 
 log = get_logger("api")
 
@@ -194,6 +194,7 @@ class AuthzCheckResponse(BaseModel):
 # -- the canonical log line -----------------------------------------------------------
 
 _QUIET_ROUTES = frozenset({"/livez", "/readyz", "/metrics"})
+_OBSERVED = "broker.observed"  # scope key: a CanonicalLogMiddleware already counts and logs this request
 
 
 def _request_id(scope: Scope) -> str:
@@ -225,13 +226,17 @@ class CanonicalLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _request_id(scope)
-        header = (b"x-request-id", request_id.encode("ascii"))
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id)
-        state = scope.setdefault("state", {})
-        state["principal"] = None
-        state["rule_id"] = None
+        # The hot path's own middleware already counts and logs a token request it hands to FastAPI.
+        observe = not scope.get(_OBSERVED)
+        scope[_OBSERVED] = True
+        if observe:
+            request_id = _request_id(scope)
+            header = (b"x-request-id", request_id.encode("ascii"))
+            structlog.contextvars.clear_contextvars()
+            structlog.contextvars.bind_contextvars(request_id=request_id)
+            state = scope.setdefault("state", {})
+            state["principal"] = None
+            state["rule_id"] = None
         start = time.perf_counter()
         started = False
 
@@ -239,11 +244,12 @@ class CanonicalLogMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                # Counted and logged before the first byte leaves, as the response is decided.
-                self._observe(scope, message["status"], time.perf_counter() - start)
-                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
-                headers.append(header)
-                message["headers"] = headers
+                if observe:
+                    # Counted and logged before the first byte leaves, as the response is decided.
+                    self._observe(scope, message["status"], time.perf_counter() - start)
+                    headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
+                    headers.append(header)
+                    message["headers"] = headers
             await send(message)
 
         try:
@@ -254,10 +260,14 @@ class CanonicalLogMiddleware:
                 raise  # the response has started: nothing else can be sent
             await _internal_error()(scope, receive, send_wrapper)
         else:
-            if not started:
-                log.error("unhandled error", path=scope["path"], error="the route sent no response")
-                await _internal_error()(scope, receive, send_wrapper)
-        structlog.contextvars.clear_contextvars()
+            if not started and observe:
+                if scope["state"].get("disconnected"):
+                    log.info("client disconnected before the request was read", path=scope["path"])
+                else:
+                    log.error("unhandled error", path=scope["path"], error="the route sent no response")
+                    await _internal_error()(scope, receive, send_wrapper)
+        if observe:
+            structlog.contextvars.clear_contextvars()
 
     def _observe(self, scope: Scope, status: int, elapsed: float) -> None:
         route = scope.get("route")
@@ -293,88 +303,167 @@ def _internal_error() -> Response:
 
 # -- the token hot path --------------------------------------------------------------
 
-_TOKEN_RESPONSE_JSON = TypeAdapter(TokenResponse)
+_TOKEN_FIELDS = frozenset({"organization_id", "vendor_id", "min_ttl_seconds"})
+_IDENTIFIER = re.compile(IDENTIFIER_REGEX)
+_MAX_MIN_TTL = 86400  # as TokenRequest.min_ttl_seconds
+_HOT_BODY_BYTES = 16 * 1024  # a token request is ~100 bytes; bigger bodies take the FastAPI route
 
 
-class _HotRoute(Route):
-    """A plain Starlette route that names itself in ``scope["route"]`` (as FastAPI's routes do) for the log line."""
+def _token_request(content_type: bytes | None, raw: bytes) -> tuple[str, str, int] | None:
+    """(organization_id, vendor_id, min_ttl_seconds) if the body is JSON that ``TokenRequest`` accepts as is.
 
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        match, child_scope = super().matches(scope)
-        if match != Match.NONE:
-            child_scope["route"] = self
-        return match, child_scope
+    Deliberately stricter than pydantic's lax mode (exact types, no coercion):
+    whatever this refuses, the FastAPI route judges, so every accepted body is
+    one ``TokenRequest`` accepts with the same values and every refusal is
+    FastAPI's own.
+    """
+    if content_type is None or not raw:
+        return None
+    if content_type != b"application/json" and not content_type.startswith(b"application/json;"):
+        return None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    if type(body) is not dict or not body.keys() <= _TOKEN_FIELDS:
+        return None
+    org, vendor, min_ttl = body.get("organization_id"), body.get("vendor_id"), body.get("min_ttl_seconds", 0)
+    if type(org) is not str or type(vendor) is not str or type(min_ttl) is not int:
+        return None
+    if not (_IDENTIFIER.fullmatch(org) and _IDENTIFIER.fullmatch(vendor) and 0 <= min_ttl <= _MAX_MIN_TTL):
+        return None
+    return org, vendor, min_ttl
 
 
-class _FastTokenRoute:
-    """``POST /v1/tokens`` for a JSON body that validates; everything else goes to the FastAPI route.
+def _iso_z(moment: datetime) -> str:
+    """A UTC datetime as pydantic serialises it: ISO 8601, microseconds only when non-zero, ``Z``."""
+    text = moment.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
 
-    Reads the body once; when the content type says JSON, the body parses with
-    ``json.loads`` and validates as ``TokenRequest`` (what FastAPI does), it
-    authenticates, issues and answers 201 with the ``TokenResponse`` JSON,
-    as FastAPI would. Otherwise the FastAPI route gets the request with the
-    body replayed, so every refusal of the input is FastAPI's own.
+
+def token_response_json(issued: IssuedToken) -> bytes:
+    """The ``TokenResponse`` JSON of an issued token: the bytes FastAPI's route produces (a test holds them equal)."""
+    return json.dumps(
+        {
+            "token": issued.token.get_secret_value(),
+            "token_type": "Bearer",
+            "expires_at": _iso_z(issued.expires_at),
+            "ttl_seconds": issued.ttl_seconds,
+            "lease_id": issued.lease_id,
+            "partner_key_version": issued.partner_key_version,
+            "vendor_key_version": issued.vendor_key_version,
+            "stale": issued.stale,
+        },
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()
+
+
+class _TokenHotPath:
+    """``POST /v1/tokens`` for a JSON body that validates, served without FastAPI's machinery.
+
+    The token route is the hot path. This plain ASGI handler reads the body
+    once, checks it (``_token_request``), authenticates, issues and answers
+    201 with the ``TokenResponse`` bytes; a ``BrokerError`` becomes the same
+    problem response FastAPI's exception handler gives. Any other body is
+    handed, replayed, to the FastAPI app, whose ``/v1/tokens`` route stays the
+    one documented in OpenAPI and produces every refusal of the input.
     """
 
-    def __init__(self, service: BrokerService, fallback: APIRoute) -> None:
+    def __init__(self, service: BrokerService, api: ASGIApp, route: APIRoute) -> None:
         self._service = service
-        self._fallback = fallback
+        self._api = api
+        self._route = route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        raw = await request.body()
-        body = self._parse(request, raw)
-        if body is None:
-            sent = False
-
-            async def replay() -> Message:
-                nonlocal sent
-                if sent:
-                    return await receive()
-                sent = True
-                return {"type": "http.request", "body": raw, "more_body": False}
-
-            scope["route"] = self._fallback
-            await self._fallback.handle(scope, replay, send)
+        scope["route"] = self._route
+        authorization: bytes | None = None
+        content_type: bytes | None = None
+        for name, value in scope["headers"]:  # the first of each, as Starlette's Headers.get
+            if name == b"authorization" and authorization is None:
+                authorization = value
+            elif name == b"content-type" and content_type is None:
+                content_type = value
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more and size <= _HOT_BODY_BYTES:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                scope["state"]["disconnected"] = True
+                return
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            more = message.get("more_body", False)
+        raw = b"".join(chunks)
+        parsed = None if more else _token_request(content_type, raw)
+        if parsed is None:
+            await self._api(scope, _replay(raw, more, receive), send)
             return
+        organization_id, vendor_id, min_ttl_seconds = parsed
         state = scope["state"]
-        principal = await self._service.authenticate(request.headers.get("authorization"))
-        state["principal"] = principal
-        issued = await self._service.issue_token(
-            principal, IntegrationRef(body.organization_id, body.vendor_id), body.min_ttl_seconds
-        )
-        state["rule_id"] = issued.rule_id
-        content = _TOKEN_RESPONSE_JSON.dump_json(
-            TokenResponse(
-                token=issued.token.get_secret_value(),
-                expires_at=issued.expires_at,
-                ttl_seconds=issued.ttl_seconds,
-                lease_id=issued.lease_id,
-                partner_key_version=issued.partner_key_version,
-                vendor_key_version=issued.vendor_key_version,
-                stale=issued.stale,
-            ),
-            by_alias=True,
-        )
-        await Response(content=content, status_code=201, media_type="application/json")(scope, receive, send)
-
-    @staticmethod
-    def _parse(request: Request, raw: bytes) -> TokenRequest | None:
-        content_type = request.headers.get("content-type")
-        if not raw or content_type is None:
-            return None
-        if content_type != "application/json" and not content_type.startswith("application/json;"):
-            return None
         try:
-            return TokenRequest.model_validate(json.loads(raw), from_attributes=True)
-        except (ValueError, ValidationError):
-            return None
+            principal = await self._service.authenticate(
+                authorization.decode("latin-1") if authorization is not None else None
+            )
+            state["principal"] = principal
+            issued = await self._service.issue_token(
+                principal, IntegrationRef(organization_id, vendor_id), min_ttl_seconds
+            )
+        except BrokerError as exc:
+            await problem_for(exc)(scope, receive, send)
+            return
+        state["rule_id"] = issued.rule_id
+        content = token_response_json(issued)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 201,
+                "headers": [(b"content-length", b"%d" % len(content)), (b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": content})
+
+
+def _replay(raw: bytes, more: bool, receive: Receive) -> Receive:
+    """A ``receive`` that first gives back the body already read, then continues with the real one."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": raw, "more_body": more}
+
+    return replay
+
+
+class BrokerApp:
+    """The ASGI app served: the token hot path in front of the FastAPI app (``api``).
+
+    ``POST /v1/tokens`` goes to ``_TokenHotPath`` under its own
+    ``CanonicalLogMiddleware`` (the request is counted and logged there, once,
+    even when the hot path hands it on to FastAPI); everything else, and the
+    lifespan, goes straight to FastAPI.
+    """
+
+    def __init__(self, api: FastAPI, hot: ASGIApp, *, metrics: Metrics) -> None:
+        self.api = api
+        self._hot = CanonicalLogMiddleware(hot, metrics=metrics)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v1/tokens" and scope["method"] == "POST":
+            await self._hot(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
 
 
 # -- the app ------------------------------------------------------------------------
 
 
-def create_app(runtime: RuntimeLike, *, manage_lifecycle: bool = True) -> FastAPI:
+def create_app(runtime: RuntimeLike, *, manage_lifecycle: bool = True) -> BrokerApp:
     """Build the ASGI app around a runtime (started and stopped in the lifespan)."""
 
     @asynccontextmanager
@@ -451,14 +540,6 @@ def create_app(runtime: RuntimeLike, *, manage_lifecycle: bool = True) -> FastAP
             vendor_key_version=issued.vendor_key_version,
             stale=issued.stale,
         )
-
-    # The token route is the hot path: a plain ASGI route in front of the FastAPI one serves the
-    # common case (a JSON body that validates) without FastAPI's per-request dependency solving and
-    # response-model round trip, with the same checks and the same bytes. Anything else is handed,
-    # body replayed, to the FastAPI route, which stays the one documented in OpenAPI and produces
-    # every error response exactly as before.
-    token_route = next(r for r in app.router.routes if isinstance(r, APIRoute) and r.path == "/v1/tokens")
-    app.router.routes.insert(0, _HotRoute("/v1/tokens", _FastTokenRoute(service, token_route), methods=["POST"]))
 
     @app.get("/v1/integrations", response_model=list[IntegrationView], responses=problem_responses)
     async def list_integrations(request: Request, authorization: Auth = None) -> list[IntegrationView]:
@@ -543,4 +624,7 @@ def create_app(runtime: RuntimeLike, *, manage_lifecycle: bool = True) -> FastAP
     async def metrics_route() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return app
+    # The token route is the hot path: served in front of FastAPI (see ``_TokenHotPath``) for the
+    # common case, with the same checks and the same bytes; FastAPI's route handles everything else.
+    token_route = next(r for r in app.router.routes if isinstance(r, APIRoute) and r.path == "/v1/tokens")
+    return BrokerApp(app, _TokenHotPath(service, app, token_route), metrics=metrics)

@@ -166,6 +166,36 @@ class TestIssue:
         assert line["principal"] == "apps/payments" and line["rule_id"] == "apps-payments"
         assert line["status"] == 201 and "request_id" in line and "latency_ms" in line
 
+    def test_requests_off_the_hot_path_are_served_logged_and_counted_once(
+        self, stack: Stack, captured_logs: Any
+    ) -> None:
+        """A body the hot path leaves to FastAPI (coercible or refused): served there, logged and counted once."""
+        registry = stack.runtime.metrics.registry
+
+        def counted(status: str) -> float:
+            labels = {"route": "/v1/tokens", "method": "POST", "status": status}
+            return registry.get_sample_value("broker_http_requests_total", labels) or 0.0
+
+        before = {status: counted(status) for status in ("201", "400")}
+        coerced = stack.post_token(
+            {"organization_id": REF.organization_id, "vendor_id": REF.vendor_id, "min_ttl_seconds": "60"}
+        )
+        assert coerced.status_code == 201, coerced.text
+        fast = stack.post_token()
+        assert list(coerced.json()) == list(fast.json())  # the same response model, field for field
+        refused = httpx.post(
+            f"{stack.broker.url}/v1/tokens",
+            content=json.dumps({"organization_id": REF.organization_id, "vendor_id": REF.vendor_id}),
+            headers={**stack.bearer(), "Content-Type": "text/plain", "X-Request-Id": "req-refused"},
+            timeout=10,
+        )
+        assert refused.status_code == 400 and refused.json()["code"] == "INVALID_INPUT"
+        assert refused.headers.get_list("x-request-id") == ["req-refused"]
+        assert counted("201") - before["201"] == 2 and counted("400") - before["400"] == 1
+        lines = [json.loads(x) for x in captured_logs.getvalue().splitlines() if '"route": "/v1/tokens"' in x]
+        assert [line["status"] for line in lines] == [201, 201, 400]
+        assert lines[2]["request_id"] == "req-refused"
+
 
 class TestAdmin:
     def test_admin_endpoints_and_their_policy(self, stack: Stack) -> None:
