@@ -7,6 +7,7 @@ that secrets never reach a log call in the first place.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -25,6 +26,15 @@ _SECRET_KEY = re.compile(
 _SAFE_SUFFIX = re.compile(r"(_version|_versions|_hash|_id|_path|_file|_ttl_seconds|_type|_count)$", re.IGNORECASE)
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
+@functools.lru_cache(maxsize=4096)
+def _secret_key(key: str) -> bool:
+    """Whether a key names a secret (and not merely describes one); log keys are few, so this is cached."""
+    return bool(_SECRET_KEY.search(key)) and not _SAFE_SUFFIX.search(key)
+
+
 def _scrub(key: str, value: Any) -> Any:
     if isinstance(value, (SecretStr, SecretBytes)):
         return REDACTED
@@ -32,16 +42,19 @@ def _scrub(key: str, value: Any) -> Any:
         return {k: _scrub(str(k), v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_scrub(key, v) for v in value]
-    if _SECRET_KEY.search(key) and not _SAFE_SUFFIX.search(key) and value not in (None, "", True, False):
+    if _secret_key(key) and value not in (None, "", True, False):
         return REDACTED
     return value
 
 
 def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: replace secret values anywhere in the event."""
-    for key in list(event_dict):
-        if key != "event":
-            event_dict[key] = _scrub(key, event_dict[key])
+    for key, value in event_dict.items():
+        if key == "event":
+            continue
+        if type(value) in _PLAIN and not _secret_key(key):  # the common case, decided without a copy
+            continue
+        event_dict[key] = _scrub(key, value)
     return event_dict
 
 
@@ -61,7 +74,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=out, force=True)

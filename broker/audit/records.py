@@ -18,6 +18,7 @@ serialised canonically (sorted keys, no spaces, UTF-8) on one line:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -106,9 +107,12 @@ _SECRET_NAME = re.compile(r"(secret|token|password|passwd|authorization|api_?key
 _DESCRIBES = re.compile(r"(_version|_versions|_hash|_hmac|_id|_ids|_path|_seconds|_type|_count|_stage|_at)$")
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical(obj: Mapping[str, Any]) -> bytes:
     """The canonical serialisation hashed and written: sorted keys, no spaces, UTF-8."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -196,6 +200,9 @@ class AuditKey:
         return f"AuditKey(key_id={self.key_id!r}, ephemeral={self.ephemeral})"
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})  # exact types: a subclass (an Enum) takes _detail
+
+
 def _detail(name: str, value: Any) -> DetailValue:
     if isinstance(value, (SecretStr, SecretBytes)):
         raise ValueError(f"details[{name!r}] is a secret: pass it in secrets= so it is stored as an HMAC")
@@ -218,8 +225,19 @@ def _detail(name: str, value: Any) -> DetailValue:
 
 
 def _check_name(kind: str, name: str) -> None:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not _name_ok(name):
         raise ValueError(f"{kind} name {name!r} must match {_NAME.pattern}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _name_ok(name: str) -> bool:
+    return _NAME.fullmatch(name) is not None
+
+
+@functools.lru_cache(maxsize=1024)
+def _names_secret(name: str) -> bool:
+    """Whether a details key names a secret rather than describing one (names are few: cached)."""
+    return _SECRET_NAME.search(name) is not None and _DESCRIBES.search(name) is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,14 +267,16 @@ class AuditEvent:
             validate_identifier("vendor_id", self.vendor_id)
         elif self.ref is not None:
             object.__setattr__(self, "vendor_id", self.ref.vendor_id)
-        object.__setattr__(self, "action", AuditAction(self.action))
-        object.__setattr__(self, "outcome", AuditOutcome(self.outcome))
+        if type(self.action) is not AuditAction:
+            object.__setattr__(self, "action", AuditAction(self.action))
+        if type(self.outcome) is not AuditOutcome:
+            object.__setattr__(self, "outcome", AuditOutcome(self.outcome))
         details: dict[str, DetailValue] = {}
         for name, value in self.details.items():
             _check_name("details", name)
-            if _SECRET_NAME.search(name) and not _DESCRIBES.search(name):
+            if _names_secret(name):
                 raise ValueError(f"details[{name!r}] names a secret: pass it in secrets= to store its HMAC")
-            details[name] = _detail(name, value)
+            details[name] = value if type(value) in _SCALARS else _detail(name, value)
         for name in self.secrets:
             _check_name("secrets", name)
             if f"{name}_hmac" in details:
@@ -373,15 +393,31 @@ class AuditEvent:
         )
 
 
+def _merge(left: bytes, right: bytes) -> bytes:
+    """Two canonical objects whose keys all sort left before right, as one canonical object."""
+    if left == b"{}":
+        return right
+    if right == b"{}":
+        return left
+    return left[:-1] + b"," + right[1:]
+
+
 def seal(body: Mapping[str, Any], *, seq: int, ts: str, prev: str) -> tuple[bytes, str]:
-    """Give a record body its chain fields; return (the line to write, its hash)."""
-    record = dict(body)
+    """Give a record body its chain fields; return (the line to write, its hash).
+
+    Equal to ``canonical(record) + b"\\n"`` with ``record["hash"] = record_hash(record)``
+    (a test holds them equal), but serialises once: the members sorting
+    before ``"hash"`` and those after it are serialised apart, hashed joined,
+    and joined again around the ``"hash"`` member.
+    """
+    record = {k: v for k, v in body.items() if k != "hash"}
     record["seq"] = seq
     record["ts"] = ts
     record["prev"] = prev
-    digest = record_hash(record)
-    record["hash"] = digest
-    return canonical(record) + b"\n", digest
+    head = canonical({k: v for k, v in record.items() if k < "hash"})
+    tail = canonical({k: v for k, v in record.items() if k > "hash"})
+    digest = hashlib.sha256(_merge(head, tail)).hexdigest()
+    return _merge(_merge(head, b'{"hash":"%s"}' % digest.encode()), tail) + b"\n", digest
 
 
 def checkpoint_body(key: AuditKey, *, seq: int, ts: str, prev: str) -> dict[str, Any]:

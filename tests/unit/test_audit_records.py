@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from broker.audit import (
@@ -215,3 +218,22 @@ class TestSchema:
         assert validator.is_valid(record)
         record["details"]["token_hmac"] = canary
         assert not validator.is_valid(record)
+
+
+_JSON_SCALARS = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20)
+_JSON_VALUES = st.recursive(
+    _JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(body=st.dictionaries(st.text(max_size=12), _JSON_VALUES, max_size=8), seq=st.integers(0, 2**40))
+def test_seal_serialises_once_but_equals_the_reference(body: dict[str, Any], seq: int) -> None:
+    """``seal`` (one serialisation, split around "hash") gives the reference line: canonical form, record_hash."""
+    line, digest = seal(body, seq=seq, ts="2026-01-02T03:04:05.000000Z", prev=GENESIS_HASH)
+    record = {k: v for k, v in body.items() if k != "hash"}
+    record.update(seq=seq, ts="2026-01-02T03:04:05.000000Z", prev=GENESIS_HASH)
+    record["hash"] = record_hash(record)
+    assert digest == record["hash"]
+    assert line == canonical(record) + b"\n"
