@@ -7,12 +7,16 @@ namespace and timeout are passed explicitly, and the adapter is constructed
 with ``cert=None`` and the configured token (or none), so hvac's
 ``VAULT_ADDR`` / ``VAULT_TOKEN`` / ``VAULT_CACERT`` / ``~/.vault-token``
 fallbacks never apply. hvac's HTTP goes through ``_Http``, the part of a
-``requests.Session`` hvac uses, on one urllib3 pool: it reads nothing from
-the environment (no proxies, no ``REQUESTS_CA_BUNDLE``, no ``.netrc``),
-verifies TLS against the configured CA bundle or certifi's (as requests
-does), keeps up to 64 connections alive for the engine's threads, never
-retries, follows at most 3 redirects, and costs about half the CPU per call
-of a requests session.
+``requests.Session`` hvac uses, as a small HTTP/1.1 client on the standard
+library (socket, ssl): it reads nothing from the environment (no proxies, no
+``REQUESTS_CA_BUNDLE``, no ``.netrc``), verifies TLS and the host name
+against the configured CA bundle or certifi's (as requests does), keeps up
+to 64 idle connections per origin for the engine's threads, drops one the
+server closed meanwhile, never retries (as the requests session did not),
+follows at most 3 redirects, and refuses to send control characters in the
+request line or headers. A call costs a fraction of the client CPU of
+requests or urllib3, which matters because the engine's threads share one
+interpreter lock.
 
 Authentication: ``token`` (renewed with ``renew_self`` when renewable),
 ``approle`` and ``kubernetes`` (``POST auth/<mount>/login`` with role + the
@@ -85,6 +89,9 @@ import hashlib
 import json
 import os
 import re
+import select
+import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -97,8 +104,6 @@ import certifi
 import hvac
 import hvac.adapters
 import hvac.exceptions
-import urllib3
-import urllib3.exceptions
 from pydantic import SecretStr
 
 from broker.errors import (
@@ -169,15 +174,9 @@ def _translated(operation: str, where: str, *, login: bool = False, sensitive: b
             f"vault failed {operation} of {where} ({type(exc).__name__}): {snippet(_errors_text(exc))}",
             retry_after_seconds=RETRY_AFTER_SECONDS,
         ) from exc
-    except OSError as exc:  # requests' RequestException (connection, timeout, TLS) is an OSError
+    except OSError as exc:  # socket, TLS, timeout, _WireError; requests' RequestException too
         raise StoreUnavailable(
             f"vault unreachable for {operation} of {where}: {type(exc).__name__}",
-            retry_after_seconds=RETRY_AFTER_SECONDS,
-        ) from exc
-    except urllib3.exceptions.HTTPError as exc:  # connection, timeout, TLS, protocol (see _Http)
-        reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason else exc
-        raise StoreUnavailable(
-            f"vault unreachable for {operation} of {where}: {type(reason).__name__}",
             retry_after_seconds=RETRY_AFTER_SECONDS,
         ) from exc
     except Exception as exc:
@@ -378,16 +377,33 @@ class _TokenKeeper:
             thread.join(timeout=5)
 
 
+class _WireError(ConnectionError):
+    """The answer broke off or was not the HTTP/1.1 the client speaks (an ``OSError``, so: unavailable)."""
+
+
+class _Headers(dict[str, str]):
+    """Response headers by lower-case name; lookups ignore case (what hvac reads of ``headers``)."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key.lower(), default)
+
+    def __getitem__(self, key: str) -> str:
+        return super().__getitem__(key.lower())
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(key.lower())
+
+
 class _Response:
     """The part of a ``requests.Response`` hvac reads."""
 
     __slots__ = ("content", "headers", "reason", "status_code", "url")
 
-    def __init__(self, response: urllib3.BaseHTTPResponse, url: str) -> None:
-        self.status_code = response.status
-        self.reason = response.reason
-        self.headers = response.headers
-        self.content = response.data
+    def __init__(self, status: int, reason: str, headers: _Headers, content: bytes, url: str) -> None:
+        self.status_code = status
+        self.reason = reason
+        self.headers = headers
+        self.content = content
         self.url = url
 
     @property
@@ -402,22 +418,55 @@ class _Response:
         return json.loads(self.content)
 
 
+class _Connection:
+    """One keep-alive connection to one origin, used by one thread at a time."""
+
+    __slots__ = ("reader", "sock")
+
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None, timeout: float | None) -> None:
+        sock = socket.create_connection((host, port), timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+
+    def dropped(self) -> bool:
+        """True if the idle connection is readable: the server closed it (or sent what nobody asked for)."""
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
 class _Http:
-    """The part of a ``requests.Session`` hvac uses, on one urllib3 pool (module docstring)."""
+    """The part of a ``requests.Session`` hvac uses: HTTP/1.1 with keep-alive (module docstring).
+
+    Requests are written in one ``sendall``; answers are read with
+    ``Content-Length``, chunked transfer coding or until close, with bounded
+    line, header and body sizes. Idle connections are kept per origin (at
+    most ``_POOL_CONNECTIONS``) and dropped if the server closed them
+    meanwhile. Socket, TLS and malformed-answer errors are all ``OSError``.
+    """
 
     cert = None
     proxies: dict[str, str] = {}  # noqa: RUF012 - read by hvac, never changed
 
     def __init__(self, verify: bool | str) -> None:
         self.verify = verify
-        ca_certs = verify if isinstance(verify, str) else certifi.where()
-        self._pool = urllib3.PoolManager(
-            num_pools=4,
-            maxsize=_POOL_CONNECTIONS,
-            cert_reqs="CERT_REQUIRED",
-            ca_certs=ca_certs,
-            retries=False,
-        )
+        self._tls = ssl.create_default_context(cafile=verify if isinstance(verify, str) else certifi.where())
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
 
     def request(
         self,
@@ -441,29 +490,158 @@ class _Http:
             body = data if isinstance(data, bytes) else str(data).encode()
         if params:
             url = f"{url}{'&' if '?' in url else '?'}{urllib.parse.urlencode(params, doseq=True)}"
-        retries = urllib3.Retry(
-            total=None,
-            connect=0,
-            read=0,
-            status=0,
-            other=0,
-            redirect=_MAX_REDIRECTS if allow_redirects else 0,
-            raise_on_redirect=False,
-            raise_on_status=False,
-        )
-        response = self._pool.request(
-            method.upper(),
-            url,
-            body=body,
-            headers=sent,
-            redirect=allow_redirects,
-            retries=retries,
-            timeout=timeout,
-        )
-        return _Response(response, url)
+        method = method.upper()
+        for hop in range(_MAX_REDIRECTS + 1):
+            response = self._send(method, url, sent, body, timeout)
+            location = response.headers.get("location")
+            if not allow_redirects or response.status_code not in _REDIRECTS or not location or hop == _MAX_REDIRECTS:
+                return response
+            url = urllib.parse.urljoin(url, location)
+            if response.status_code in (301, 302, 303) and method != "HEAD":
+                method, body = "GET", None
+                sent.pop("Content-Type", None)
+        raise AssertionError("unreachable")
+
+    def _send(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, timeout: float | None
+    ) -> _Response:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _WireError(f"cannot send to a {parts.scheme or 'relative'} URL")
+        tls = parts.scheme == "https"
+        port = parts.port or (443 if tls else 80)
+        target = urllib.parse.quote(parts.path or "/", safe=_PATH_SAFE) + (f"?{parts.query}" if parts.query else "")
+        host = parts.netloc.rpartition("@")[2]  # never send userinfo
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
+        if body is not None or method in ("POST", "PUT", "PATCH"):
+            lines.append(f"Content-Length: {len(body or b'')}")
+        lines.extend(f"{k}: {v}" for k, v in headers.items() if k.lower() not in _SET_HERE)
+        head = "\r\n".join(lines)
+        if " " in target or any(_CONTROL.search(line) for line in lines):
+            raise _WireError("refusing to send a request line or header with a space or control character")
+        payload = (head + "\r\n\r\n").encode("latin-1") + (body or b"")
+        key = (parts.scheme, parts.hostname, port)
+        conn = self._checkout(key, timeout)
+        try:
+            conn.sock.settimeout(timeout)
+            conn.sock.sendall(payload)
+            status, reason, answer, content, keep = _read_response(conn.reader, method)
+        except BaseException:
+            conn.close()
+            raise
+        if keep:
+            self._checkin(key, conn)
+        else:
+            conn.close()
+        return _Response(status, reason, answer, content, url)
+
+    def _checkout(self, key: tuple[str, str, int], timeout: float | None) -> _Connection:
+        with self._lock:
+            idle = self._idle.get(key) or []
+            while idle:
+                conn = idle.pop()
+                if not conn.dropped():
+                    return conn
+                conn.close()
+        return _Connection(key[1], key[2], self._tls if key[0] == "https" else None, timeout)
+
+    def _checkin(self, key: tuple[str, str, int], conn: _Connection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if not self._closed and len(idle) < _POOL_CONNECTIONS:
+                idle.append(conn)
+                return
+        conn.close()
 
     def close(self) -> None:
-        self._pool.clear()
+        with self._lock:
+            self._closed = True
+            idle = [c for conns in self._idle.values() for c in conns]
+            self._idle.clear()
+        for conn in idle:
+            conn.close()
+
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+_SET_HERE = frozenset({"host", "content-length", "accept-encoding", "transfer-encoding", "connection"})
+_MAX_LINE_BYTES = 65536
+_MAX_HEADERS = 100
+_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+def _line(reader: Any) -> bytes:
+    line: bytes = reader.readline(_MAX_LINE_BYTES + 1)
+    if not line:
+        raise _WireError("connection closed in the middle of an answer")
+    if len(line) > _MAX_LINE_BYTES:
+        raise _WireError("answer line too long")
+    return line
+
+
+def _read_response(reader: Any, method: str) -> tuple[int, str, _Headers, bytes, bool]:
+    """Read one answer: (status, reason, headers, body, connection reusable)."""
+    while True:
+        version, _, rest = _line(reader).decode("latin-1").rstrip("\r\n").partition(" ")
+        code, _, reason = rest.partition(" ")
+        if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+            raise _WireError("not an HTTP/1.x status line")
+        status = int(code)
+        headers = _Headers()
+        for _ in range(_MAX_HEADERS + 1):
+            line = _line(reader)
+            if line in (b"\r\n", b"\n"):
+                break
+            name, colon, value = line.decode("latin-1").partition(":")
+            name = name.strip().lower()
+            if not colon or not name:
+                raise _WireError("malformed header line")
+            value = value.strip()
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        else:
+            raise _WireError("too many headers")
+        if status >= 200 or status == 101:
+            break  # 1xx interim answers (100 Continue ...) are skipped
+    keep = version == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
+    if method == "HEAD" or status in (101, 204, 304):
+        return status, reason, headers, b"", keep and status != 101
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return status, reason, headers, _read_chunked(reader), keep
+    length = headers.get("content-length")
+    if length is not None:
+        if not length.isdigit() or int(length) > _MAX_BODY_BYTES:
+            raise _WireError("bad Content-Length")
+        content: bytes = reader.read(int(length))
+        if len(content) != int(length):
+            raise _WireError("answer shorter than its Content-Length")
+        return status, reason, headers, content, keep
+    content = reader.read(_MAX_BODY_BYTES + 1)
+    if len(content) > _MAX_BODY_BYTES:
+        raise _WireError("answer too long")
+    return status, reason, headers, content, False
+
+
+def _read_chunked(reader: Any) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        size_text = _line(reader).split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise _WireError("bad chunk size") from None
+        if size == 0:
+            while _line(reader) not in (b"\r\n", b"\n"):
+                pass  # trailers
+            return b"".join(chunks)
+        total += size
+        if size < 0 or total > _MAX_BODY_BYTES:
+            raise _WireError("answer too long")
+        chunk: bytes = reader.read(size)
+        if len(chunk) != size or _line(reader) not in (b"\r\n", b"\n"):
+            raise _WireError("chunk broke off")
+        chunks.append(chunk)
 
 
 def _json_bytes(value: Any) -> bytes:

@@ -54,17 +54,17 @@ TARGET_SCALING = 1.3
 
 
 def _count_store_http_requests() -> list[int]:
-    """Count every HTTP request the store sends (hvac over urllib3; the OEM client uses httpx), for the report."""
-    from urllib3.connectionpool import HTTPConnectionPool
+    """Count every HTTP request the Vault store sends (its private HTTP client), for the report."""
+    from broker.stores import vault
 
     count = [0]
-    urlopen = HTTPConnectionPool.urlopen
+    send = vault._Http._send
 
-    def counted(self: HTTPConnectionPool, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+    def counted(self: vault._Http, *args: Any, **kwargs: Any) -> Any:
         count[0] += 1
-        return urlopen(self, method, url, *args, **kwargs)
+        return send(self, *args, **kwargs)
 
-    HTTPConnectionPool.urlopen = counted  # type: ignore[method-assign]
+    vault._Http._send = counted  # type: ignore[method-assign]
     return count
 
 

@@ -540,7 +540,7 @@ class TestVaultTls:
             monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca)
             monkeypatch.setenv("VAULT_CACERT", ca)
             unverified = vault_store(server, timeout_seconds=2.0)
-            with pytest.raises(StoreUnavailable, match="SSLError"):
+            with pytest.raises(StoreUnavailable, match="SSLCertVerificationError"):
                 unverified.health()
             unverified.close()
             verified = vault_store(server, timeout_seconds=2.0, ca_bundle_path=ca)
