@@ -14,6 +14,7 @@ is raised instead of ``OemUnavailable``. Nothing is hidden.
 
 from __future__ import annotations
 
+import http.cookiejar
 import random
 import ssl
 import time
@@ -134,6 +135,7 @@ class HttpOemClient:
             # The engine calls from up to engine.concurrency threads (le=256): keep that many connections
             # alive instead of httpx's 20, or every burst past 20 opens (and then drops) new ones.
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=_KEEPALIVE_CONNECTIONS),
+            cookies=_NoCookies(),
             headers={"User-Agent": f"mspc-broker/{__version__}", "Accept": "application/json"},
         )
 
@@ -412,6 +414,17 @@ class HttpOemClient:
 
     def _measure(self, operation: str) -> _Measure:
         return _Measure(self._metrics, operation, self._clock)
+
+
+class _NoCookies(http.cookiejar.CookieJar):
+    """A cookie jar that keeps nothing: the OEM API is stateless, so no call carries another's cookies
+    (and no answer pays for cookie parsing)."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+    def add_cookie_header(self, request: Any) -> None:
+        return None
 
 
 def _tls_verification_failed(exc: BaseException) -> bool:

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import SecretStr
 
@@ -352,3 +353,19 @@ class TestSecrecy:
         for secret in (canary, created.partner_key.get_secret_value(), token.get_secret_value()):
             assert secret not in logs
             assert all(secret not in m for m in messages)
+
+
+class TestStatelessCalls:
+    def test_cookies_from_an_answer_are_never_sent_back(self) -> None:
+        """A Set-Cookie from the OEM is ignored: no call carries state from another (narrow: MockTransport)."""
+        seen: list[str | None] = []
+
+        def answer(request: httpx.Request) -> httpx.Response:
+            seen.append(request.headers.get("cookie"))
+            return httpx.Response(200, headers={"Set-Cookie": "session=abc; Path=/"}, json={"integrations": []})
+
+        settings = OemSettings(base_url="http://oem.invalid", client_id="c", client_secret=SecretStr("s"))
+        with HttpOemClient(settings, transport=httpx.MockTransport(answer)) as client:
+            client.list_integrations("org-contoso")
+            client.list_integrations("org-contoso")
+        assert seen == [None, None]
