@@ -242,6 +242,10 @@ class TestValuesSchema:
                 want = current[group]["properties"][field]
                 assert (spec["type"], spec.get("enum")) == (want["type"], want.get("enum")), f"{group}.{field}"
 
+    def test_config_schema_is_current(self) -> None:
+        """Every setting the chart may set is offered: the checked-in schema is what the settings give today."""
+        assert SCHEMA["properties"]["config"] == config_schema(), "run tests/helm/values_config_schema.py --write"
+
     def test_config_offers_no_secret_setting(self) -> None:
         """No secret setting (or its *_file) and no chart-managed path can be set through values."""
         for group_name, group_field in Settings.model_fields.items():
