@@ -257,14 +257,14 @@ def _audit_key(ctx: click.Context, key_file: Path | None, *, required: bool) -> 
 
 
 def _audit_paths(ctx: click.Context, paths: tuple[Path, ...]) -> list[Path]:
-    from broker.audit import default_paths
+    from broker.audit import default_chains
 
     if paths:
         return list(paths)
     file_path = settings_from(ctx).audit.file_path
     if file_path is None:
         raise ConfigError("no audit file configured (BROKER_AUDIT__FILE_PATH): pass PATH")
-    return default_paths(file_path)
+    return [path for chain in default_chains(file_path) for path in chain]
 
 
 def _when(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
@@ -291,14 +291,26 @@ _audit_key_opt = click.option(
 @click.pass_context
 @handle_errors
 def audit_verify_cmd(ctx: click.Context, paths: tuple[Path, ...], key_file: Path | None, partial: bool) -> None:
-    """Check every hash, link and checkpoint MAC in PATHS (files in any order or directories;
-    default: the configured file and its rotations). Exit 1 naming the first broken record."""
-    from broker.audit import verify_chain
+    """Check every hash, link and checkpoint MAC in PATHS (one chain: files in any order or directories;
+    default: the configured file and its rotations, and each server worker's chain). Exit 1 naming the
+    first broken record."""
+    from broker.audit import default_chains, verify_chain
 
     key = _audit_key(ctx, key_file, required=False)
-    report = verify_chain(_audit_paths(ctx, paths), key=key, partial=partial)
-    click.echo(report.summary())
-    if not report.ok:
+    if paths:
+        chains = [list(paths)]
+    else:
+        file_path = settings_from(ctx).audit.file_path
+        if file_path is None:
+            raise ConfigError("no audit file configured (BROKER_AUDIT__FILE_PATH): pass PATH")
+        chains = default_chains(file_path) or [[file_path]]
+    failed = False
+    for chain in chains:
+        report = verify_chain(chain, key=key, partial=partial)
+        where = f"{chain[-1]}: " if len(chains) > 1 else ""
+        click.echo(where + report.summary())
+        failed = failed or not report.ok
+    if failed:
         sys.exit(1)
 
 
@@ -376,18 +388,31 @@ def dev_cmd(backend: str, port: int, policies: Path, workdir: Path | None, once:
 
 
 @cli.command("serve")
+@click.option("--worker", "worker_index", type=int, default=None, hidden=True, help="Internal: worker index.")
+@click.option("--listen-fd", type=int, default=None, hidden=True, help="Internal: inherited listening socket.")
 @click.pass_context
 @handle_errors
-def serve_cmd(ctx: click.Context) -> None:
-    """Run the broker: HTTP API, reconcile loop, policy reload, audit trail."""
+def serve_cmd(ctx: click.Context, worker_index: int | None, listen_fd: int | None) -> None:
+    """Run the broker: HTTP API, reconcile loop, policy reload, audit trail.
+
+    With ``server.workers`` > 1 this process supervises that many workers
+    sharing one listener (see ``broker.api.workers``).
+    """
+    import socket
+
     import uvicorn
 
     from broker.api.app import create_app
     from broker.api.server import DrainingServer
+    from broker.api.workers import Supervisor, worker_settings
     from broker.runtime import Runtime
 
     settings = settings_from(ctx)
     configure_logging(settings.log.level, settings.log.format)
+    if worker_index is None and settings.server.workers > 1:
+        sys.exit(Supervisor(settings).run())
+    if worker_index is not None:
+        settings = worker_settings(settings, worker_index)
     runtime = Runtime(settings)
     app = create_app(runtime)
     # What is alive now (imports, settings, the app) lives as long as the process: moved out of the
@@ -401,7 +426,8 @@ def serve_cmd(ctx: click.Context) -> None:
         access_log=False,
         timeout_graceful_shutdown=int(settings.server.shutdown_grace_seconds),
     )
-    DrainingServer(config, drain_seconds=settings.server.drain_seconds, on_drain=runtime.begin_drain).run()
+    server = DrainingServer(config, drain_seconds=settings.server.drain_seconds, on_drain=runtime.begin_drain)
+    server.run(sockets=[socket.socket(fileno=listen_fd)] if listen_fd is not None else None)
 
 
 def _ref_option(func: Callable[..., Any]) -> Callable[..., Any]:

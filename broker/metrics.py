@@ -6,20 +6,37 @@ code and similar bounded vocabularies.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from broker.errors import BrokerError
 
+# Set (by the worker supervisor, ``broker.api.workers``) in the environment of worker processes,
+# before prometheus_client is imported: each process then keeps its values in files there, and
+# ``render`` adds up every worker's.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def mark_worker_dead(directory: Path, pid: int) -> None:
+    """Drop a stopped worker's live gauges (its counters keep counting in the totals)."""
+    multiprocess.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
+
 
 class Metrics:
-    """All broker metrics on a private registry (tests build their own)."""
+    """All broker metrics on a private registry (tests build their own).
+
+    Gauges say how workers combine (``multiprocess_mode``, used only with
+    ``server.workers`` > 1): the largest value among live workers.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._multiprocess_dir = os.environ.get(MULTIPROC_ENV)
         r = self.registry
         self.requests = Counter(
             "broker_http_requests_total",
@@ -54,18 +71,24 @@ class Metrics:
             "broker_backend_call_seconds", "Latency of calls to outside systems.", ["backend", "operation"], registry=r
         )
         self.staleness_seconds = Gauge(
-            "broker_cache_staleness_seconds", "Age of the oldest value served stale, 0 when fresh.", registry=r
+            "broker_cache_staleness_seconds",
+            "Age of the oldest value served stale, 0 when fresh.",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.key_age_seconds = Gauge(
             "broker_partner_key_age_seconds",
             "Age of each current partner key.",
             ["organization_id", "vendor_id"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.rotations = Counter("broker_rotations_total", "Rotation outcomes.", ["outcome"], registry=r)
         self.provisions = Counter("broker_provisions_total", "Provisioning outcomes.", ["outcome"], registry=r)
         self.orphans = Counter("broker_orphans_total", "Orphaned OEM integrations detected.", ["action"], registry=r)
-        self.leader = Gauge("broker_leader", "1 while this replica holds the leader lease.", registry=r)
+        self.leader = Gauge(
+            "broker_leader", "1 while this replica holds the leader lease.", registry=r, multiprocess_mode="livemax"
+        )
         self.audit_failures = Counter(
             "broker_audit_failures_total", "Audit writes that failed or timed out.", ["reason"], registry=r
         )
@@ -78,8 +101,12 @@ class Metrics:
         )
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition of every metric (of every worker, when there are several)."""
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(combined)
 
 
 @contextmanager

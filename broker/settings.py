@@ -318,6 +318,14 @@ class ServerSettings(_Group):
 
     host: str = Field("127.0.0.1", description="Listen address.")
     port: int = Field(8080, ge=0, le=65535, description="Listen port (0 = pick a free one).")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Worker processes sharing the listener (one Python process uses one core): each a whole "
+        "broker with its own cache and its own audit chain (worker N writes <audit dir>/worker-N/); metrics are "
+        "added up across workers. Set to the pod's CPU limit.",
+    )
     drain_seconds: float = Field(
         5.0,
         ge=0,

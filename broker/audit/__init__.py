@@ -65,6 +65,7 @@ __all__ = [
     "VerifyReport",
     "canonical",
     "chain_order",
+    "default_chains",
     "default_paths",
     "load_schema",
     "parse_when",
@@ -73,6 +74,7 @@ __all__ = [
     "render_table",
     "summarize_details",
     "verify_chain",
+    "worker_audit_path",
 ]
 
 
@@ -86,3 +88,16 @@ def load_schema() -> dict[str, Any]:
 def default_paths(file_path: Path) -> list[Path]:
     """The configured audit file and its rotated siblings (those that exist)."""
     return [*rotated_siblings(file_path), *([file_path] if file_path.exists() else [])]
+
+
+def worker_audit_path(file_path: Path, index: int) -> Path:
+    """The chain of server worker ``index``: the configured file for worker 0, ``worker-I/<name>`` beside it else."""
+    return file_path if index == 0 else file_path.parent / f"worker-{index}" / file_path.name
+
+
+def default_chains(file_path: Path) -> list[list[Path]]:
+    """Every server chain of the configured audit file: its own, then each worker's (``server.workers`` > 1)."""
+    workers = [d for d in file_path.parent.glob("worker-*") if d.is_dir() and d.name[len("worker-") :].isdigit()]
+    workers.sort(key=lambda d: int(d.name[len("worker-") :]))
+    chains = [default_paths(file_path), *(default_paths(d / file_path.name) for d in workers)]
+    return [chain for chain in chains if chain]

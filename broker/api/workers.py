@@ -1,0 +1,178 @@
+"""``broker serve`` with ``server.workers`` > 1: one listening socket, N worker processes.
+
+Python runs one thread of Python at a time, so one process uses one core.
+With ``workers: N`` the ``broker serve`` process becomes a small supervisor:
+
+- it binds the listening socket once and starts N workers, each
+  ``python -m broker serve --worker I --listen-fd FD`` with the same
+  environment; the kernel hands each new connection to one of them;
+- each worker is a whole broker (``Runtime``): its own key cache, identity
+  cache and policy set; its own audit chain (worker 0 writes the configured
+  file, worker I the same name in ``<audit dir>/worker-I/``: one writer per
+  chain); its own leader-election candidacy, exactly as N replicas would be
+  (correctness rests on the store's CAS intents, not on who leads);
+- metrics are aggregated across workers (Prometheus multiprocess files in a
+  private directory), so ``/metrics`` answers the same whichever worker
+  serves the scrape;
+- SIGTERM / SIGINT are passed to every worker, which drains and stops as a
+  single broker would; the supervisor exits when they have, 0 if all did;
+- a worker that dies is logged and started again, after a pause that
+  doubles from 1 s up to 30 s while it keeps dying young.
+
+What changes with N workers: coalescing is per worker (N concurrent cold
+requests for one integration may read each secret up to N times), and an
+auditor verifies N chains (``broker audit verify`` with no paths does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from broker.audit import worker_audit_path
+from broker.log import get_logger
+from broker.metrics import MULTIPROC_ENV, mark_worker_dead
+from broker.settings import Settings
+
+log = get_logger("workers")
+
+RESTART_DELAY_SECONDS = 1.0
+MAX_RESTART_DELAY_SECONDS = 30.0
+HEALTHY_AFTER_SECONDS = 60.0  # a worker that lived this long resets the restart delay
+POLL_SECONDS = 0.2
+# How a worker is started: this command, then ``serve --worker I --listen-fd FD`` (a benchmark swaps it).
+WORKER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "broker")
+
+
+def worker_settings(settings: Settings, index: int) -> Settings:
+    """``settings`` as worker ``index`` uses them (its own audit file)."""
+    if settings.audit.file_path is None or index == 0:
+        return settings
+    audit = settings.audit.model_copy(update={"file_path": worker_audit_path(settings.audit.file_path, index)})
+    return settings.model_copy(update={"audit": audit})
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The listening socket the workers share (inheritable, so it passes to them by number)."""
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(info[4])
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restart_at: float = 0.0
+    delay: float = RESTART_DELAY_SECONDS
+
+
+class Supervisor:
+    """Start, watch, restart and stop the worker processes (module docstring)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._workers = [_Worker(i) for i in range(settings.server.workers)]
+        self._stopping = threading.Event()
+        self._signals = 0
+
+    def run(self) -> int:
+        """Serve until a signal stops the workers; the exit status for the process."""
+        server = self._settings.server
+        sock = listen_socket(server.host, server.port)
+        metrics_dir = Path(tempfile.mkdtemp(prefix="mspc-broker-metrics-"))
+        env = dict(os.environ)
+        env[MULTIPROC_ENV] = str(metrics_dir)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        log.info("workers starting", workers=len(self._workers), host=server.host, port=sock.getsockname()[1])
+        try:
+            for worker in self._workers:
+                self._start(worker, sock, env)
+            while not self._stopping.is_set():
+                self._watch(sock, env, metrics_dir)
+                self._stopping.wait(POLL_SECONDS)
+            return self._stop(metrics_dir)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            sock.close()
+            for worker in self._workers:  # never leave a worker behind, whatever happened above
+                if worker.process is not None and worker.process.poll() is None:
+                    worker.process.kill()
+                    worker.process.wait()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _start(self, worker: _Worker, sock: socket.socket, env: dict[str, str]) -> None:
+        fd = sock.fileno()
+        argv = [*WORKER_COMMAND, "serve", "--worker", str(worker.index), "--listen-fd", str(fd)]
+        worker.process = subprocess.Popen(argv, env=env, pass_fds=(fd,), stdin=subprocess.DEVNULL)  # noqa: S603 - our own command
+        worker.started_at = time.monotonic()
+        log.info("worker started", worker=worker.index, pid=worker.process.pid)
+
+    def _watch(self, sock: socket.socket, env: dict[str, str], metrics_dir: Path) -> None:
+        now = time.monotonic()
+        for worker in self._workers:
+            process = worker.process
+            if process is not None and process.poll() is not None:
+                lived = now - worker.started_at
+                if lived >= HEALTHY_AFTER_SECONDS:
+                    worker.delay = RESTART_DELAY_SECONDS
+                worker.restart_at = now + worker.delay
+                log.error(
+                    "worker exited; restarting",
+                    worker=worker.index,
+                    pid=process.pid,
+                    exit_code=process.returncode,
+                    lived_seconds=round(lived, 1),
+                    restart_in_seconds=worker.delay,
+                )
+                worker.delay = min(worker.delay * 2, MAX_RESTART_DELAY_SECONDS)
+                mark_worker_dead(metrics_dir, process.pid)
+                worker.process = None
+            if worker.process is None and now >= worker.restart_at and not self._stopping.is_set():
+                self._start(worker, sock, env)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals += 1
+        self._stopping.set()
+        for worker in self._workers:  # a second signal reaches the workers too: they skip the rest of the drain
+            if worker.process is not None and worker.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(signum)
+
+    def _stop(self, metrics_dir: Path) -> int:
+        server = self._settings.server
+        deadline = time.monotonic() + server.drain_seconds + server.shutdown_grace_seconds + 10
+        status = 0
+        for worker in self._workers:
+            process = worker.process
+            if process is None:
+                continue
+            try:
+                code = process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker did not stop in time; killing it", worker=worker.index, pid=process.pid)
+                process.kill()
+                code = process.wait()
+            mark_worker_dead(metrics_dir, process.pid)
+            if code != 0:
+                log.error("worker stopped with an error", worker=worker.index, pid=process.pid, exit_code=code)
+                status = 1
+        log.info("workers stopped", workers=len(self._workers), exit_code=status)
+        return status

@@ -1,0 +1,118 @@
+"""`broker serve` with `server.workers: 2`: one listener, two whole brokers, added-up metrics, a chain each."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from serve_support import REF, Served, serve_broker
+
+from broker.audit import AuditKey, verify_chain
+from broker.settings import load_settings, settings_env
+
+pytestmark = pytest.mark.e2e
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll an outside process's observable state until ``condition`` holds (fail after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def children(pid: int) -> set[int]:
+    """PIDs of the live child processes of ``pid`` (from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.add(int(entry.name))
+    return found
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def count(path: Path, action: str) -> int:
+    return sum(1 for r in records(path) if r["action"] == action)
+
+
+def tokens_issued(metrics_text: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics_text.splitlines()
+        if line.startswith("broker_tokens_issued_total{")
+    )
+
+
+def issue(served: Served) -> None:
+    headers = {"Authorization": "Bearer " + served.issuer.mint("apps", "payments")}
+    body = {"organization_id": REF.organization_id, "vendor_id": REF.vendor_id}
+    # A new connection each time: the kernel hands connections, not requests, to workers.
+    response = httpx.post(f"{served.url}/v1/tokens", json=body, headers=headers, timeout=10)
+    assert response.status_code == 201, response.text
+
+
+def test_two_workers_serve_count_audit_restart_and_stop_together(
+    broker_config: Callable[..., dict[str, Any]], seed_vendor: Callable[..., None], tmp_path: Path
+) -> None:
+    with serve_broker(broker_config, seed_vendor, tmp_path, server={"workers": 2}) as served:
+        supervisor = served.process.pid
+        chains = [served.audit_file, served.audit_file.parent / "worker-1" / served.audit_file.name]
+        wait_for("both workers to start", lambda: all(count(c, "broker.started") == 1 for c in chains))
+        assert len(children(supervisor)) == 2
+
+        issued = 40
+        for _ in range(issued):
+            issue(served)
+        # Whichever worker answers the scrape, the totals are the two workers' added up.
+        for _ in range(6):
+            assert tokens_issued(httpx.get(f"{served.url}/metrics", timeout=10).text) == issued
+        assert sum(count(c, "token.issued") for c in chains) == issued
+
+        # A worker that dies is started again; the other serves meanwhile; counts survive.
+        victim = min(children(supervisor))
+        os.kill(victim, signal.SIGKILL)
+        wait_for("the worker to be started again", lambda: len(children(supervisor) - {victim}) == 2)
+        wait_for("the new worker's start record", lambda: sum(count(c, "broker.started") for c in chains) == 3)
+        issue(served)
+        assert tokens_issued(httpx.get(f"{served.url}/metrics", timeout=10).text) == issued + 1
+
+        workers = children(supervisor)
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(timeout=60) == 0, served.log_path.read_text()[-3000:]
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+    # Each worker kept its own chain, and each verifies; `broker audit verify` checks them all.
+    settings = load_settings(**served.config)
+    key = AuditKey.from_settings(settings.audit)
+    for chain in chains:
+        assert verify_chain([chain], key=key).ok
+        assert "broker.stopped" in [r["action"] for r in records(chain)[-2:]]  # then, maybe, a checkpoint
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env.update(settings_env(served.config))
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "audit", "verify"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count(": OK ") == 2, done.stdout
