@@ -19,6 +19,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import broker.api.workers
 import broker.runtime
 from broker.service import BrokerService
 from broker.settings import Settings
@@ -65,9 +66,11 @@ class NoAuditRuntime(_Runtime):
 def main() -> None:
     # `broker serve` imports Runtime from broker.runtime when it runs, so it picks this one up.
     broker.runtime.Runtime = NoAuditRuntime  # type: ignore[misc]
+    # With server.workers > 1, the workers are this script too.
+    broker.api.workers.WORKER_COMMAND = (sys.executable, __file__)
     from broker.cli import main as cli_main
 
-    sys.argv = ["broker", "serve"]
+    sys.argv = ["broker", *(sys.argv[1:] or ["serve"])]
     cli_main()
 
 

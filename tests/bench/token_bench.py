@@ -1,9 +1,11 @@
 """Token service benchmark: POST /v1/tokens against OpenBao's own KV read, on loopback.
 
-    .venv/bin/python tests/bench/token_bench.py [--duration 10] [--repeats 3] [--connections 32]
+    .venv/bin/python tests/bench/token_bench.py [--duration 10] [--repeats 3] [--connections 32] [--workers N]
 
 Starts OpenBao (dev), the MSPC simulator and a dev JWT issuer on free
-loopback ports, provisions one integration, then starts two broker processes:
+loopback ports, provisions one integration, then starts these brokers, each
+with ``server.workers`` = ``--workers`` (default: the CPU count, since
+OpenBao, a Go server, uses every core) unless said otherwise:
 
 * ``broker audit on``: ``python -m broker serve`` configured by ``BROKER_*``
   variables: JWKS authentication, the shipped policies, the audit trail to a
@@ -11,11 +13,12 @@ loopback ports, provisions one integration, then starts two broker processes:
 * ``broker audit off``: ``tests/bench/_noaudit_server.py``, the same command
   with the service's audit replaced in-process by a no-op (there is no
   audit-off setting in the product, on purpose);
+* ``broker audit on, 1 worker`` (for information): one process, one core;
 * ``broker audit on, file on tmpfs`` (for information): the product with its
   audit file in /dev/shm, to show how much of the audit's cost is the disk;
 
 and measures, with wrk (32 connections, keep-alive, warm cache), each of:
-the two brokers issuing tokens, and OpenBao answering the KV v2 read of one
+the brokers issuing tokens, and OpenBao answering the KV v2 read of one
 secret (``GET /v1/secret/data/<vendor key path>`` with ``X-Vault-Token``),
 which is what a workload would otherwise do (twice: vendor and partner key).
 Each configuration runs ``--repeats`` times, interleaved, after a warm-up;
@@ -220,6 +223,12 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32, help="concurrent connections (default 32)")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leaves a core to servers)")
     parser.add_argument("--python-loadgen", action="store_true", help="use the Python load generator, not wrk")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="server.workers of the measured brokers (default: the CPU count, as OpenBao uses every core)",
+    )
     args = parser.parse_args()
 
     wrk = None if args.python_loadgen else ensure_wrk(allow_install=True)
@@ -272,6 +281,17 @@ def main() -> int:
             desired_file=desired,
             audit_file=Path(shm) / "audit.jsonl",
         )
+        one_groups = broker_settings(
+            vault=vault,
+            sim=sim,
+            issuer=issuer,
+            workdir=workdir,
+            desired_file=desired,
+            audit_file=workdir / "audit-one" / "audit.jsonl",
+        )
+        for groups in (on_groups, off_groups, tmpfs_groups):
+            groups["server"]["workers"] = args.workers
+        broker_one = procs.spawn("broker-audit-on-1-worker", [PYTHON, "-m", "broker", "serve"], env_of(one_groups))
         broker_on = procs.spawn("broker-audit-on", [PYTHON, "-m", "broker", "serve"], env_of(on_groups))
         broker_tmpfs = procs.spawn("broker-audit-tmpfs", [PYTHON, "-m", "broker", "serve"], env_of(tmpfs_groups))
         broker_off = procs.spawn("broker-audit-off", [PYTHON, str(HERE / "_noaudit_server.py")], env_of(off_groups))
@@ -283,6 +303,9 @@ def main() -> int:
             Target("broker, audit on", f"{broker_on.url}/v1/tokens", "POST", body, token_headers, 201),
             Target(
                 "broker, audit off (bench-only server)", f"{broker_off.url}/v1/tokens", "POST", body, token_headers, 201
+            ),
+            Target(
+                "broker, audit on, 1 worker (info)", f"{broker_one.url}/v1/tokens", "POST", body, token_headers, 201
             ),
             Target(
                 "broker, audit on, file on tmpfs (info)",
@@ -304,7 +327,8 @@ def main() -> int:
         for target in targets:
             check_once(target)
         print(
-            f"load: {loadgen}, {args.connections} connections, {args.duration:g} s per run, "
+            f"load: {loadgen}, {args.connections} connections, {args.duration:g} s per run, brokers with "
+            f"server.workers={args.workers}, "
             f"{args.repeats} interleaved runs per configuration after {args.warmup:g} s warm-up",
             flush=True,
         )
@@ -346,7 +370,7 @@ def main() -> int:
                 errors,
             )
         )
-    on, off, _tmpfs, bao = rows
+    on, off, _one, _tmpfs, bao = rows
     print()
     print(
         f"{'configuration':<40} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}   (medians of "
@@ -380,14 +404,16 @@ def main() -> int:
 
 def verify_audit(groups: dict[str, dict[str, Any]]) -> str:
     """Verify the audit-on broker's chain (hashes, links, checkpoint MACs) and count its records."""
-    from broker.audit import verify_chain
+    from broker.audit import default_chains, verify_chain
     from broker.audit.records import AuditKey
 
     settings = load_settings(**groups)
     path = settings.audit.file_path
     assert path is not None
-    report = verify_chain(sorted(path.parent.glob(path.name + "*")), key=AuditKey.from_settings(settings.audit))
-    return f"{report.records} records, {'chain OK' if report.ok else 'BROKEN: ' + str(report.problem)}"
+    reports = [verify_chain(chain, key=AuditKey.from_settings(settings.audit)) for chain in default_chains(path)]
+    broken = [str(r.problem) for r in reports if not r.ok]
+    state = f"{len(reports)} chain(s) OK" if not broken else "BROKEN: " + "; ".join(broken)
+    return f"{sum(r.records for r in reports)} records, {state}"
 
 
 if __name__ == "__main__":
