@@ -10,6 +10,11 @@ request may have been acted on (read timeout, connection dropped before the
 answer, a 5xx other than 503) and a later attempt succeeds, the result says
 ``possible_duplicate=True``; when no attempt succeeds, ``OemOutcomeUnknown``
 is raised instead of ``OemUnavailable``. Nothing is hidden.
+
+httpx sends through ``_WireTransport`` (``broker.wire``: keep-alive HTTP/1.1
+on the standard library, TLS verified with the configured CA bundle or
+certifi's, as httpx would) unless a transport is passed in; the client keeps
+no cookies.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+import certifi
 import httpx
 from pydantic import SecretStr
 
-from broker import __version__
+from broker import __version__, wire
 from broker.errors import (
     BrokerError,
     ConfigError,
@@ -59,6 +65,8 @@ CREATE_PATH = "/api/oem-api/integration"
 LIST_PATH = "/api/oem-api/integration/list"
 REVOKE_PATH = "/api/oem-api/integration/{integration_id}"
 PROBE_PATH = "/api/vendor-api/organization/accounts"
+# The engine calls from up to engine.concurrency threads (le=256): keep that many connections alive
+# (httpx's own pool keeps 20, so every burst past 20 opened and then dropped connections).
 _KEEPALIVE_CONNECTIONS = 256
 
 
@@ -126,15 +134,13 @@ class HttpOemClient:
         self._vendor_url = _base_url(
             "BROKER_OEM__VENDOR_API_BASE_URL", settings.vendor_api_base_url or settings.base_url
         )
+        verify = _verify(settings)
         self._http = httpx.Client(
-            verify=_verify(settings),
-            transport=transport,
+            verify=verify,
+            transport=transport or _WireTransport(verify),
             timeout=self._timeout(settings.deadline_seconds),
             follow_redirects=False,
             trust_env=False,
-            # The engine calls from up to engine.concurrency threads (le=256): keep that many connections
-            # alive instead of httpx's 20, or every burst past 20 opens (and then drops) new ones.
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=_KEEPALIVE_CONNECTIONS),
             cookies=_NoCookies(),
             headers={"User-Agent": f"mspc-broker/{__version__}", "Accept": "application/json"},
         )
@@ -414,6 +420,54 @@ class HttpOemClient:
 
     def _measure(self, operation: str) -> _Measure:
         return _Measure(self._metrics, operation, self._clock)
+
+
+class _WireTransport(httpx.BaseTransport):
+    """httpx's transport contract on ``broker.wire`` (far less CPU per call than httpcore).
+
+    Its errors become the httpx errors the retry loop classifies: nothing
+    sent (``ConnectError`` / ``ConnectTimeout``) versus possibly acted on
+    (``WriteError`` / ``WriteTimeout``, ``ReadError`` / ``ReadTimeout``,
+    ``RemoteProtocolError``), each with the cause chained for the TLS check.
+    """
+
+    def __init__(self, verify: ssl.SSLContext | bool) -> None:
+        tls = verify if isinstance(verify, ssl.SSLContext) else ssl.create_default_context(cafile=certifi.where())
+        self._pool = wire.Pool(tls, max_idle_per_origin=_KEEPALIVE_CONNECTIONS)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        timeout = request.extensions.get("timeout") or {}
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
+        try:
+            answer = self._pool.send(
+                request.method,
+                str(request.url),
+                headers,
+                request.read() or None,
+                connect_timeout=timeout.get("connect"),
+                read_timeout=timeout.get("read"),
+                write_timeout=timeout.get("write"),
+            )
+        except wire.ConnectFailed as exc:
+            kind: type[httpx.TransportError] = httpx.ConnectTimeout if exc.timed_out else httpx.ConnectError
+            raise kind(exc.cause_name, request=request) from exc
+        except wire.SendFailed as exc:
+            raise (httpx.WriteTimeout if exc.timed_out else httpx.WriteError)(exc.cause_name, request=request) from exc
+        except wire.AnswerFailed as exc:
+            kind = httpx.ReadTimeout if exc.timed_out else httpx.ReadError
+            if exc.protocol:
+                kind = httpx.RemoteProtocolError
+            raise kind(exc.cause_name, request=request) from exc
+        return httpx.Response(
+            answer.status,
+            headers=list(answer.headers.items()),
+            content=answer.content,
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": answer.reason.encode("latin-1")},
+            request=request,
+        )
+
+    def close(self) -> None:
+        self._pool.close()
 
 
 class _NoCookies(http.cookiejar.CookieJar):

@@ -89,8 +89,6 @@ import hashlib
 import json
 import os
 import re
-import select
-import socket
 import ssl
 import threading
 import time
@@ -106,6 +104,7 @@ import hvac.adapters
 import hvac.exceptions
 from pydantic import SecretStr
 
+from broker import wire
 from broker.errors import (
     BrokerError,
     ConfigError,
@@ -174,9 +173,10 @@ def _translated(operation: str, where: str, *, login: bool = False, sensitive: b
             f"vault failed {operation} of {where} ({type(exc).__name__}): {snippet(_errors_text(exc))}",
             retry_after_seconds=RETRY_AFTER_SECONDS,
         ) from exc
-    except OSError as exc:  # socket, TLS, timeout, _WireError; requests' RequestException too
+    except OSError as exc:  # broker.wire errors, socket, TLS, timeout; requests' RequestException too
+        name = exc.cause_name if isinstance(exc, wire.WireError) else type(exc).__name__
         raise StoreUnavailable(
-            f"vault unreachable for {operation} of {where}: {type(exc).__name__}",
+            f"vault unreachable for {operation} of {where}: {name}",
             retry_after_seconds=RETRY_AFTER_SECONDS,
         ) from exc
     except Exception as exc:
@@ -377,33 +377,16 @@ class _TokenKeeper:
             thread.join(timeout=5)
 
 
-class _WireError(ConnectionError):
-    """The answer broke off or was not the HTTP/1.1 the client speaks (an ``OSError``, so: unavailable)."""
-
-
-class _Headers(dict[str, str]):
-    """Response headers by lower-case name; lookups ignore case (what hvac reads of ``headers``)."""
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return super().get(key.lower(), default)
-
-    def __getitem__(self, key: str) -> str:
-        return super().__getitem__(key.lower())
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and super().__contains__(key.lower())
-
-
 class _Response:
     """The part of a ``requests.Response`` hvac reads."""
 
     __slots__ = ("content", "headers", "reason", "status_code", "url")
 
-    def __init__(self, status: int, reason: str, headers: _Headers, content: bytes, url: str) -> None:
-        self.status_code = status
-        self.reason = reason
-        self.headers = headers
-        self.content = content
+    def __init__(self, answer: wire.Answer, url: str) -> None:
+        self.status_code = answer.status
+        self.reason = answer.reason
+        self.headers = answer.headers
+        self.content = answer.content
         self.url = url
 
     @property
@@ -418,55 +401,16 @@ class _Response:
         return json.loads(self.content)
 
 
-class _Connection:
-    """One keep-alive connection to one origin, used by one thread at a time."""
-
-    __slots__ = ("reader", "sock")
-
-    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None, timeout: float | None) -> None:
-        sock = socket.create_connection((host, port), timeout=timeout)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if tls is not None:
-                sock = tls.wrap_socket(sock, server_hostname=host)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self.reader = sock.makefile("rb")
-
-    def dropped(self) -> bool:
-        """True if the idle connection is readable: the server closed it (or sent what nobody asked for)."""
-        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
-            return True
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN)
-        return bool(poller.poll(0))
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
-
-
 class _Http:
-    """The part of a ``requests.Session`` hvac uses: HTTP/1.1 with keep-alive (module docstring).
-
-    Requests are written in one ``sendall``; answers are read with
-    ``Content-Length``, chunked transfer coding or until close, with bounded
-    line, header and body sizes. Idle connections are kept per origin (at
-    most ``_POOL_CONNECTIONS``) and dropped if the server closed them
-    meanwhile. Socket, TLS and malformed-answer errors are all ``OSError``.
-    """
+    """The part of a ``requests.Session`` hvac uses, on a ``broker.wire.Pool`` (module docstring)."""
 
     cert = None
     proxies: dict[str, str] = {}  # noqa: RUF012 - read by hvac, never changed
 
     def __init__(self, verify: bool | str) -> None:
         self.verify = verify
-        self._tls = ssl.create_default_context(cafile=verify if isinstance(verify, str) else certifi.where())
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
-        self._lock = threading.Lock()
-        self._closed = False
+        tls = ssl.create_default_context(cafile=verify if isinstance(verify, str) else certifi.where())
+        self._pool = wire.Pool(tls, max_idle_per_origin=_POOL_CONNECTIONS)
 
     def request(
         self,
@@ -505,143 +449,16 @@ class _Http:
     def _send(
         self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, timeout: float | None
     ) -> _Response:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise _WireError(f"cannot send to a {parts.scheme or 'relative'} URL")
-        tls = parts.scheme == "https"
-        port = parts.port or (443 if tls else 80)
-        target = urllib.parse.quote(parts.path or "/", safe=_PATH_SAFE) + (f"?{parts.query}" if parts.query else "")
-        host = parts.netloc.rpartition("@")[2]  # never send userinfo
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
-        if body is not None or method in ("POST", "PUT", "PATCH"):
-            lines.append(f"Content-Length: {len(body or b'')}")
-        lines.extend(f"{k}: {v}" for k, v in headers.items() if k.lower() not in _SET_HERE)
-        head = "\r\n".join(lines)
-        if " " in target or any(_CONTROL.search(line) for line in lines):
-            raise _WireError("refusing to send a request line or header with a space or control character")
-        payload = (head + "\r\n\r\n").encode("latin-1") + (body or b"")
-        key = (parts.scheme, parts.hostname, port)
-        conn = self._checkout(key, timeout)
-        try:
-            conn.sock.settimeout(timeout)
-            conn.sock.sendall(payload)
-            status, reason, answer, content, keep = _read_response(conn.reader, method)
-        except BaseException:
-            conn.close()
-            raise
-        if keep:
-            self._checkin(key, conn)
-        else:
-            conn.close()
-        return _Response(status, reason, answer, content, url)
-
-    def _checkout(self, key: tuple[str, str, int], timeout: float | None) -> _Connection:
-        with self._lock:
-            idle = self._idle.get(key) or []
-            while idle:
-                conn = idle.pop()
-                if not conn.dropped():
-                    return conn
-                conn.close()
-        return _Connection(key[1], key[2], self._tls if key[0] == "https" else None, timeout)
-
-    def _checkin(self, key: tuple[str, str, int], conn: _Connection) -> None:
-        with self._lock:
-            idle = self._idle.setdefault(key, [])
-            if not self._closed and len(idle) < _POOL_CONNECTIONS:
-                idle.append(conn)
-                return
-        conn.close()
+        answer = self._pool.send(
+            method, url, headers.items(), body, connect_timeout=timeout, read_timeout=timeout, write_timeout=timeout
+        )
+        return _Response(answer, url)
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle = [c for conns in self._idle.values() for c in conns]
-            self._idle.clear()
-        for conn in idle:
-            conn.close()
+        self._pool.close()
 
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
-_SET_HERE = frozenset({"host", "content-length", "accept-encoding", "transfer-encoding", "connection"})
-_MAX_LINE_BYTES = 65536
-_MAX_HEADERS = 100
-_MAX_BODY_BYTES = 64 * 1024 * 1024
-
-
-def _line(reader: Any) -> bytes:
-    line: bytes = reader.readline(_MAX_LINE_BYTES + 1)
-    if not line:
-        raise _WireError("connection closed in the middle of an answer")
-    if len(line) > _MAX_LINE_BYTES:
-        raise _WireError("answer line too long")
-    return line
-
-
-def _read_response(reader: Any, method: str) -> tuple[int, str, _Headers, bytes, bool]:
-    """Read one answer: (status, reason, headers, body, connection reusable)."""
-    while True:
-        version, _, rest = _line(reader).decode("latin-1").rstrip("\r\n").partition(" ")
-        code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
-            raise _WireError("not an HTTP/1.x status line")
-        status = int(code)
-        headers = _Headers()
-        for _ in range(_MAX_HEADERS + 1):
-            line = _line(reader)
-            if line in (b"\r\n", b"\n"):
-                break
-            name, colon, value = line.decode("latin-1").partition(":")
-            name = name.strip().lower()
-            if not colon or not name:
-                raise _WireError("malformed header line")
-            value = value.strip()
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        else:
-            raise _WireError("too many headers")
-        if status >= 200 or status == 101:
-            break  # 1xx interim answers (100 Continue ...) are skipped
-    keep = version == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
-    if method == "HEAD" or status in (101, 204, 304):
-        return status, reason, headers, b"", keep and status != 101
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        return status, reason, headers, _read_chunked(reader), keep
-    length = headers.get("content-length")
-    if length is not None:
-        if not length.isdigit() or int(length) > _MAX_BODY_BYTES:
-            raise _WireError("bad Content-Length")
-        content: bytes = reader.read(int(length))
-        if len(content) != int(length):
-            raise _WireError("answer shorter than its Content-Length")
-        return status, reason, headers, content, keep
-    content = reader.read(_MAX_BODY_BYTES + 1)
-    if len(content) > _MAX_BODY_BYTES:
-        raise _WireError("answer too long")
-    return status, reason, headers, content, False
-
-
-def _read_chunked(reader: Any) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    while True:
-        size_text = _line(reader).split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise _WireError("bad chunk size") from None
-        if size == 0:
-            while _line(reader) not in (b"\r\n", b"\n"):
-                pass  # trailers
-            return b"".join(chunks)
-        total += size
-        if size < 0 or total > _MAX_BODY_BYTES:
-            raise _WireError("answer too long")
-        chunk: bytes = reader.read(size)
-        if len(chunk) != size or _line(reader) not in (b"\r\n", b"\n"):
-            raise _WireError("chunk broke off")
-        chunks.append(chunk)
 
 
 def _json_bytes(value: Any) -> bytes:

@@ -1,4 +1,4 @@
-"""The Vault store's HTTP/1.1 client: answers parsed exactly, connections reused only when safe."""
+"""broker.wire, the HTTP/1.1 client under the Vault store and the OEM client: exact parsing, safe reuse."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 
+from broker import wire
 from broker.errors import StoreUnavailable
 from broker.stores import vault
 
 
 def answer(raw: bytes, method: str = "GET") -> tuple[int, str, dict[str, str], bytes, bool]:
-    status, reason, headers, body, keep = vault._read_response(io.BufferedReader(io.BytesIO(raw)), method)
-    return status, reason, dict(headers), body, keep
+    got, keep = wire._read_answer(io.BufferedReader(io.BytesIO(raw)), method)
+    return got.status, got.reason, dict(got.headers), got.content, keep
 
 
 class TestReadResponse:
@@ -50,7 +51,7 @@ class TestReadResponse:
     def test_header_lookup_ignores_case(self) -> None:
         """hvac asks for Content-Type; the server may spell it any way."""
         reader = io.BufferedReader(io.BytesIO(b"HTTP/1.1 200 OK\r\ncOnTeNt-TyPe: a\r\n\r\n"))
-        headers = vault._read_response(reader, "HEAD")[2]
+        headers = wire._read_answer(reader, "HEAD")[0].headers
         assert headers.get("Content-Type") == "a" and headers["CONTENT-TYPE"] == "a" and "content-type" in headers
 
     @pytest.mark.parametrize(
@@ -66,7 +67,10 @@ class TestReadResponse:
         ],
     )
     def test_broken_answers_are_store_unavailable(self, raw: bytes) -> None:
-        """A truncated or non-HTTP answer is an OSError, which the store reports as STORE_UNAVAILABLE."""
+        """A truncated or non-HTTP answer is AnswerFailed (protocol); the store reports it as STORE_UNAVAILABLE."""
+        with pytest.raises(wire.AnswerFailed) as info:
+            answer(raw)
+        assert info.value.protocol
         with pytest.raises(StoreUnavailable), vault._translated("read", "secret/x"):
             answer(raw)
 
