@@ -4,7 +4,9 @@ One daemon thread owns every byte of I/O (files and stdout). Callers put a
 request on a bounded queue and wait at most ``write_timeout_ms`` for it to be
 written (and fsynced); otherwise they get ``AuditUnavailable`` and must not
 carry out the audited act. The writer commits requests in batches (one
-write and one fsync per batch) and only then acknowledges them.
+write and one fsync per batch) and only then acknowledges them. The records
+async callers make in one event-loop iteration travel as one request (one
+queue entry, one timer, one wake-up); the bound counts records, not requests.
 
 Consistency rules:
 
@@ -124,6 +126,47 @@ class _Request:
             raise self.error
         assert self.receipt is not None
         return self.receipt
+
+
+class _LoopBatch(_Request):
+    """The records async callers made in one event-loop iteration: one queue entry, one wake-up.
+
+    Each caller awaits its own future; the batch shares one timeout timer
+    and one hand-over to the writer (see ``AuditLog.aemit``). ``cancelled``
+    holds the members whose caller went away: left out if the writer has not
+    taken the batch yet, else reported as unacknowledged.
+    """
+
+    __slots__ = ("bodies", "cancelled", "expired", "futures", "receipts", "skipped", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__("batch", threaded=False)
+        self.loop = loop
+        self.resolve = self.resolve_members
+        self.bodies: list[dict[str, Any]] = []
+        self.futures: list[asyncio.Future[None]] = []
+        self.cancelled: set[int] = set()
+        self.skipped: frozenset[int] = frozenset()  # cancelled before the writer took the batch
+        self.receipts: list[AuditReceipt | None] = []
+        self.expired: AuditUnavailable | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def resolve_members(self) -> None:
+        """In the batch's event loop: the outcome is known, wake every member."""
+        if self.timer is not None:
+            self.timer.cancel()
+        for future in self.futures:
+            if not future.done():
+                future.set_result(None)
+
+    def outcome_of(self, index: int) -> AuditReceipt:
+        if self.expired is not None:
+            raise self.expired
+        if self.error is not None:
+            raise self.error
+        receipt = self.receipts[index]
+        assert receipt is not None
+        return receipt
 
 
 class _Notes:
@@ -265,8 +308,10 @@ class AuditLog:
         self._stdout: BinaryIO | None = (stdout or sys.stdout.buffer) if settings.stdout else None
         self._clock = clock or (lambda: datetime.now(UTC))
         self._timeout_seconds = settings.write_timeout_ms / 1000
-        self._queue: queue.Queue[_Request] = queue.Queue(maxsize=settings.queue_max_records)
-        self._outboxes: dict[asyncio.AbstractEventLoop, list[_Request]] = {}  # per loop, touched by its thread
+        self._queue: queue.Queue[_Request] = queue.Queue()  # bounded by _reserve, in records
+        self._queued_lock = threading.Lock()
+        self._queued_records = 0
+        self._batches: dict[asyncio.AbstractEventLoop, _LoopBatch] = {}  # per loop, touched by its thread
         self._thread: threading.Thread | None = None
         self._lifecycle = threading.Lock()
         self._closed = False
@@ -385,35 +430,32 @@ class AuditLog:
         return request.outcome()
 
     async def aemit(self, event: AuditEvent) -> AuditReceipt:
-        """``emit`` for async callers."""
-        request = self._request_for(event, threaded=False)
+        """``emit`` for async callers.
+
+        Records made in one event-loop iteration travel together (at most
+        ``_OUTBOX_MAX_RECORDS``): one queue entry, one timeout timer, one
+        wake-up, and one write and fsync, instead of one hand-over each.
+        """
+        body = self._body_for(event)
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        timed_out = False
-
-        def resolve() -> None:
-            if not done.done():
-                done.set_result(None)
-
-        def expire() -> None:
-            nonlocal timed_out
-            if not done.done():
-                timed_out = True
-                done.set_result(None)
-
-        request.loop, request.resolve = loop, resolve
-        self._enqueue_soon(request, loop)
-        timer = loop.call_later(self._timeout_seconds, expire)
+        self._check_open()
+        batch = self._batches.get(loop)
+        if batch is None:
+            batch = self._batches[loop] = _LoopBatch(loop)
+            loop.call_soon(self._flush_batch, loop)
+        index = len(batch.bodies)
+        future: asyncio.Future[None] = loop.create_future()
+        batch.bodies.append(body)
+        batch.futures.append(future)
+        if len(batch.bodies) >= _OUTBOX_MAX_RECORDS:  # a herd: keep the writer busy while the rest arrive
+            self._flush_batch(loop)
         try:
-            await done
+            await future
         except asyncio.CancelledError:
-            request.abandon()  # the caller is gone, so nothing will be issued
+            with batch.lock:  # the caller is gone, so nothing will be issued: leave its record out if still possible
+                batch.cancelled.add(index)
             raise
-        finally:
-            timer.cancel()
-        if timed_out and request.abandon():
-            raise self._timed_out()
-        return request.outcome()
+        return batch.outcome_of(index)
 
     def checkpoint(self) -> AuditReceipt:
         """Write a signed checkpoint now."""
@@ -431,11 +473,8 @@ class AuditLog:
             return
         final = _Request("final")
         stop = _Request("stop")
-        try:
-            self._queue.put(final, timeout=timeout_seconds)
-            self._queue.put(stop, timeout=timeout_seconds)
-        except queue.Full:
-            _log.warning("audit_close_queue_full")
+        self._queue.put_nowait(final)
+        self._queue.put_nowait(stop)
         if not final.wait(timeout_seconds):
             final.abandon()
             _log.warning("audit_close_timeout", timeout_seconds=timeout_seconds)
@@ -449,68 +488,75 @@ class AuditLog:
 
     # -- caller side --------------------------------------------------------------
 
-    def _request_for(self, event: AuditEvent, *, threaded: bool = True) -> _Request:
+    def _body_for(self, event: AuditEvent) -> dict[str, Any]:
         if event.action in (AuditAction.AUDIT_CHECKPOINT, AuditAction.AUDIT_RECOVERED):
             raise ValueError(f"{event.action} records are written by the audit log itself")
         body = event.body(self._key)
         if body["request_id"] is None:
             bound = structlog.contextvars.get_contextvars().get("request_id")
             body["request_id"] = bound if isinstance(bound, str) else None
-        return _Request("record", body, threaded=threaded)
+        return body
 
-    def _enqueue(self, request: _Request) -> None:
+    def _request_for(self, event: AuditEvent) -> _Request:
+        return _Request("record", self._body_for(event))
+
+    def _check_open(self) -> None:
         if self._thread is None:
             self.start()
         elif self._closed:
             raise AuditUnavailable("the audit log is closed")
-        try:
-            self._queue.put_nowait(request)
-        except queue.Full:
-            raise self._queue_full() from None
+
+    def _enqueue(self, request: _Request) -> None:
+        self._check_open()
+        if not self._reserve(1):
+            raise self._queue_full()
+        self._queue.put_nowait(request)
+
+    def _reserve(self, records: int) -> bool:
+        """Count ``records`` against ``queue_max_records``; False (nothing counted) if they do not fit."""
+        with self._queued_lock:
+            if self._queued_records + records > self._settings.queue_max_records:
+                return False
+            self._queued_records += records
+            return True
+
+    def _taken(self, request: _Request) -> None:
+        """The writer took ``request`` off the queue: its records no longer count against the bound."""
+        size = len(request.bodies) if isinstance(request, _LoopBatch) else int(request.kind == "record")
+        if size:
+            with self._queued_lock:
+                self._queued_records -= size
 
     def _queue_full(self) -> AuditUnavailable:
         self._metrics.audit_failures.labels(reason="queue_full").inc()
         return AuditUnavailable("audit queue is full; nothing was issued", retry_after_seconds=1.0)
 
-    def _enqueue_soon(self, request: _Request, loop: asyncio.AbstractEventLoop) -> None:
-        """Queue an async caller's request at the end of this event-loop iteration, with its neighbours.
+    def _flush_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand this loop's open batch to the writer (or refuse all of it) and start its one timer."""
+        batch = self._batches.pop(loop, None)
+        if batch is None:
+            return
+        if self._closed:
+            batch.error = AuditUnavailable("the audit log is closed")
+        elif not self._reserve(len(batch.bodies)):
+            batch.error = self._queue_full()
+            self._metrics.audit_failures.labels(reason="queue_full").inc(len(batch.bodies) - 1)
+        else:
+            batch.timer = loop.call_later(self._timeout_seconds, self._expire_batch, batch)
+            self._queue.put_nowait(batch)
+            return
+        with batch.lock:
+            batch.state = _DONE
+        batch.resolve_members()
 
-        Requests made in one iteration reach the writer together (at most
-        ``_OUTBOX_MAX_RECORDS`` at a time): one wake-up and one batch (one
-        write, one fsync) instead of one hand-over each.
-        """
-        if self._thread is None:
-            self.start()
-        elif self._closed:
-            raise AuditUnavailable("the audit log is closed")
-        outbox = self._outboxes.get(loop)
-        if outbox is None:
-            outbox = self._outboxes[loop] = []
-            loop.call_soon(self._flush_outbox, loop)
-        outbox.append(request)
-        if len(outbox) >= _OUTBOX_MAX_RECORDS:  # a herd: keep the writer busy while the rest arrive
-            self._flush_outbox(loop)
+    def _expire_batch(self, batch: _LoopBatch) -> None:
+        """The bound passed before the writer confirmed: every member fails (and is dropped if still queued)."""
+        if batch.abandon():
+            batch.expired = self._timed_out(len(batch.bodies))
+            batch.resolve_members()
 
-    def _flush_outbox(self, loop: asyncio.AbstractEventLoop) -> None:
-        refused: list[_Request] = []
-        for request in self._outboxes.pop(loop, ()):
-            if self._closed:
-                request.error = AuditUnavailable("the audit log is closed")
-            else:
-                try:
-                    self._queue.put_nowait(request)
-                    continue
-                except queue.Full:
-                    request.error = self._queue_full()
-            with request.lock:
-                request.state = _DONE
-            refused.append(request)
-        for request in refused:
-            assert request.resolve is not None
-            request.resolve()
-
-    def _timed_out(self) -> AuditUnavailable:
-        self._metrics.audit_failures.labels(reason="timeout").inc()
+    def _timed_out(self, records: int = 1) -> AuditUnavailable:
+        self._metrics.audit_failures.labels(reason="timeout").inc(records)
         return AuditUnavailable(
             f"audit sink did not confirm the write within {self._settings.write_timeout_ms} ms; nothing was issued",
             retry_after_seconds=1.0,
@@ -521,6 +567,7 @@ class AuditLog:
     def _run(self) -> None:
         while not self._stopping:
             request = self._queue.get()
+            self._taken(request)
             if request.kind == "stop":
                 break
             batch = [request]
@@ -539,6 +586,7 @@ class AuditLog:
                 request = self._queue.get_nowait()
             except queue.Empty:
                 return
+            self._taken(request)
             if request.kind == "stop":
                 self._stopping = True
             else:
@@ -576,9 +624,12 @@ class AuditLog:
         for request in requests:
             with request.lock:
                 if request.state == _ABANDONED:
-                    self._notes.dropped += 1
+                    self._notes.dropped += len(request.bodies) if isinstance(request, _LoopBatch) else 1
                     continue
                 request.state = _WRITING
+                if isinstance(request, _LoopBatch):  # callers gone before this point: their records stay out
+                    request.skipped = frozenset(request.cancelled)
+                    self._notes.dropped += len(request.skipped)
             claimed.append(request)
         if not claimed and not self._notes.pending:
             return
@@ -590,13 +641,15 @@ class AuditLog:
         if self._notes.pending:
             lines.append(self._seal_next(self._recovered_body())[0])
         for request in claimed:
-            if request.kind == "record":
+            if isinstance(request, _LoopBatch):
+                request.receipts = [
+                    None if index in request.skipped else self._seal_record(body, lines)
+                    for index, body in enumerate(request.bodies)
+                ]
+                receipt = None
+            elif request.kind == "record":
                 assert request.body is not None
-                line, receipt = self._seal_next(request.body)
-                lines.append(line)
-                self._since_checkpoint += 1
-                if self._since_checkpoint >= self._settings.checkpoint_every_records:
-                    lines.append(self._seal_checkpoint()[0])
+                receipt = self._seal_record(request.body, lines)
             elif request.kind == "checkpoint" or self._since_checkpoint > 0:
                 line, receipt = self._seal_checkpoint()
                 lines.append(line)
@@ -633,11 +686,25 @@ class AuditLog:
                 request.state = _DONE
                 request.error = error
                 request.receipt = receipt or AuditReceipt(self._next_seq - 1, self._prev, "")
-            if (late or error is not None) and receipt is not None:
+                gone = request.cancelled if isinstance(request, _LoopBatch) else ()
+            if isinstance(request, _LoopBatch):
+                for index, member in enumerate(request.receipts):
+                    if member is not None and (late or error is not None or index in gone):
+                        self._notes.unacknowledge(member.seq)
+            elif (late or error is not None) and receipt is not None:
                 self._notes.unacknowledge(receipt.seq)
         self._wake(claimed)
         if self._notes.pending and error is None:
             self._write_batch([])
+
+    def _seal_record(self, body: Mapping[str, Any], lines: list[bytes]) -> AuditReceipt:
+        """Seal one caller's record into ``lines`` (and a checkpoint after it when one is due)."""
+        line, receipt = self._seal_next(body)
+        lines.append(line)
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= self._settings.checkpoint_every_records:
+            lines.append(self._seal_checkpoint()[0])
+        return receipt
 
     def _seal_next(self, body: Mapping[str, Any]) -> tuple[bytes, AuditReceipt]:
         assert self._next_seq is not None

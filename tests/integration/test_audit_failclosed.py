@@ -180,6 +180,24 @@ class TestBlockedSink:
         log.close()
         assert records(reader.join())[0]["details"]["dropped_records"] == 2
 
+    def test_a_batch_that_does_not_fit_fails_at_once(self, tmp_path: Path) -> None:
+        """The bound counts records: one loop iteration's batch larger than the room left is refused whole."""
+        path = tmp_path / "audit.jsonl"
+        metrics = Metrics()
+        log = AuditLog(settings(path, queue_max_records=3, write_timeout_ms=100), metrics=metrics).start()
+
+        async def five() -> list[BaseException | object]:
+            calls = (log.arecord("broker.started", "success") for _ in range(5))
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        started = time.monotonic()
+        outcomes = asyncio.run(five())
+        assert time.monotonic() - started < 0.05
+        assert all(isinstance(o, AuditUnavailable) and "queue is full" in o.message for o in outcomes)
+        assert sample(metrics, "broker_audit_failures_total", reason="queue_full") == 5
+        log.close()
+        assert not path.exists()  # nothing was written: the refused records are in no chain
+
 
 _DISK_FULL_SCRIPT = r"""
 import json, resource, signal, sys, time

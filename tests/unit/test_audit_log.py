@@ -108,6 +108,32 @@ class TestRecording:
         assert sorted(seqs) == list(range(50))
         assert verify_chain([path], key=KEY).ok
 
+    def test_a_loop_iteration_is_one_batch_and_a_cancelled_caller_stays_out(self, tmp_path: Path) -> None:
+        """Records made in one event-loop iteration reach the file together; one whose caller is cancelled
+        before the writer takes them is left out (and reported as dropped), the others land in order."""
+        path = tmp_path / "audit.jsonl"
+
+        async def main(log: AuditLog) -> list[int]:
+            tasks = [
+                asyncio.ensure_future(log.arecord(AuditAction.POLICY_RELOADED, "success", details={"n": i}))
+                for i in range(5)
+            ]
+            await asyncio.sleep(0)  # every task has made its record; the batch is handed over next iteration
+            tasks[2].cancel()
+            done = await asyncio.gather(*tasks, return_exceptions=True)
+            assert isinstance(done[2], asyncio.CancelledError)
+            return [r.seq for r in done if not isinstance(r, BaseException)]
+
+        with AuditLog(settings(path)) as log:
+            seqs = asyncio.run(main(log))
+            step(log, 9)
+        written = records(path)
+        # The note about the dropped record comes first, then the batch without it.
+        assert written[0]["action"] == "audit.recovered" and written[0]["details"]["dropped_records"] == 1
+        assert seqs == [1, 2, 3, 4]
+        assert [r["details"]["n"] for r in written[1:5]] == [0, 1, 3, 4]
+        assert verify_chain([path], key=KEY).ok
+
     def test_request_id_comes_from_the_log_context(self, tmp_path: Path) -> None:
         """Without request_id=, the record carries the request id bound in structlog's contextvars."""
         path = tmp_path / "audit.jsonl"
