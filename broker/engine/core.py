@@ -264,10 +264,12 @@ class Engine:
 
         ``known`` is a state record and a partner-key describe the caller read
         just now, in that order; otherwise both are read here (same order).
-        The order is what makes them safe to reuse: every saga changes the
-        state record before and after it touches the partner key, so if the
-        intent's CAS over that state version wins, no saga ran since, and the
-        describe made after that read is still what the saga sees.
+        The order is what makes them safe to reuse: every saga writes the state
+        record before and after it writes a partner-key version, so if the
+        intent's CAS over that state version wins, no saga ran since the
+        describe. Stage moves outside a saga (rollback, retire) may still have
+        happened; every later move is a compare-and-swap on its pointer, so a
+        stale copy ends in ``Conflict``, never in a wrong pointer.
 
         Raises ``Conflict`` if a live intent is held by somebody else, the CAS
         lost, or ``current`` is no longer ``expected_current`` (somebody else

@@ -125,6 +125,13 @@ def worker(n: int, concurrency: int) -> None:
                 "audit_records": int(
                     metrics.registry.get_sample_value("broker_audit_records_total", {"sink": "file"}) or 0
                 ),
+                "audit_failures": sum(
+                    int(sample.value)
+                    for family in metrics.registry.collect()
+                    if family.name == "broker_audit_failures"
+                    for sample in family.samples
+                    if sample.name == "broker_audit_failures_total"
+                ),
                 "peak_rss_mib": peak,
                 "cpu_seconds": cpu_seconds,
             }
@@ -235,6 +242,9 @@ def main() -> int:
         f"OpenBao peak RSS {bao_peak:.0f} MiB)"
     )
     print()
+    for r in rows:
+        if r["audit_failures"]:
+            print(f"N={r['n']}: {r['audit_failures']} audit writes failed or timed out (broker_audit_failures_total)")
     ok_all = all(r["actions"].get("provisioned", 0) == r["n"] for r in rows)
     by_n = {r["n"]: r for r in rows}
     checks = [("every integration provisioned", ok_all)]
