@@ -136,6 +136,8 @@ class World:
         self.deleted_seed_organizations: set[str] = set()
         self.users: list[User] = []
         self.integrations: dict[str, Integration] = {}
+        # partner_key_hash -> integration, so a Vendor API call finds its integration without a scan.
+        self._by_partner_key: dict[str, Integration] = {}
         self._from_seed()
         if state_path is not None and state_path.exists():
             self._load(state_path)
@@ -165,6 +167,7 @@ class World:
             self.deleted_seed_organizations = set()
             self.users = []
             self.integrations = {}
+            self._by_partner_key = {}
 
     def _load(self, path: Path) -> None:
         try:
@@ -180,6 +183,7 @@ class World:
                     self.deleted_seed_organizations.add(org_id)
                 self.users = [User(**raw) for raw in data.get("users", [])]
                 self.integrations = {raw["id"]: Integration(**raw) for raw in data.get("integrations", [])}
+                self._by_partner_key = {i.partner_key_hash: i for i in self.integrations.values() if i.partner_key_hash}
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise ConfigError(f"cannot load simulator state {path}: {type(exc).__name__}: {exc}") from None
 
@@ -227,8 +231,9 @@ class World:
         """The integration that issued this partner key (live or revoked)."""
         digest = token_hash(partner_key)
         with self.lock:
-            matches = (i for i in self.integrations.values() if i.partner_key_hash)
-            return next((i for i in matches if same_secret(i.partner_key_hash or "", digest)), None)
+            # Looked up by the SHA-256 digest (its timing tells nothing about the key); confirmed in constant time.
+            found = self._by_partner_key.get(digest)
+            return found if found is not None and same_secret(found.partner_key_hash or "", digest) else None
 
     def live_integrations(self, organization_id: str, vendor_id: str) -> list[Integration]:
         """Live integrations for one (organization, vendor) pair."""
@@ -301,6 +306,8 @@ class World:
                 credential_fields=credential_fields,
             )
             self.integrations[integration.id] = integration
+            if integration.partner_key_hash:
+                self._by_partner_key[integration.partner_key_hash] = integration
             self.save()
         return integration, partner_key
 
