@@ -10,8 +10,12 @@ What it does, and nothing more:
 * HTTP/1.1 over TCP or TLS (``ssl.SSLContext`` given by the caller: CA
   bundle and host-name check are the caller's choice), keep-alive, one
   request per connection at a time; idle connections are kept per origin
-  (up to ``max_idle_per_origin``) and dropped if the server closed them
-  meanwhile (the connection is readable while idle).
+  (up to ``max_idle_per_origin``, most recently used first) and dropped if
+  the server closed them meanwhile (the connection is readable while idle)
+  or if they sat idle ``IDLE_SECONDS``: servers end idle keep-alive
+  connections on their own clock (uvicorn after 5 s), and one that does so
+  just as a request goes out turns a harmless reuse into an ambiguous failure
+  (httpx keeps idle connections 5 s for the same reason).
 * A request is written in one ``sendall``: request line, ``Host``,
   ``Accept-Encoding: identity``, ``Content-Length`` (when there is a body or
   the method has one), then the caller's headers (any it gives for those
@@ -34,6 +38,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,6 +50,7 @@ _SET_HERE = frozenset({"host", "content-length", "accept-encoding", "transfer-en
 _MAX_LINE_BYTES = 65536
 _MAX_HEADERS = 100
 _MAX_BODY_BYTES = 64 * 1024 * 1024
+IDLE_SECONDS = 4.0
 
 
 class WireError(OSError):
@@ -95,7 +101,7 @@ class Answer:
 class _Connection:
     """One keep-alive connection to one origin, used by one thread at a time."""
 
-    __slots__ = ("reader", "sock")
+    __slots__ = ("idle_since", "reader", "sock")
 
     def __init__(self, host: str, port: int, tls: ssl.SSLContext | None, timeout: float | None) -> None:
         try:
@@ -111,9 +117,12 @@ class _Connection:
             raise ConnectFailed(type(exc).__name__, timed_out=isinstance(exc, TimeoutError)) from exc
         self.sock = sock
         self.reader = sock.makefile("rb")
+        self.idle_since = 0.0
 
-    def dropped(self) -> bool:
-        """True if the idle connection is readable: the server closed it (or sent what nobody asked for)."""
+    def dropped(self, now: float) -> bool:
+        """True if the idle connection is too old, or readable: the server closed it (or sent what nobody asked for)."""
+        if now - self.idle_since >= IDLE_SECONDS:
+            return True
         if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
             return True
         poller = select.poll()
@@ -187,16 +196,18 @@ class Pool:
         return answer
 
     def _checkout(self, key: tuple[str, str, int], timeout: float | None) -> _Connection:
+        now = time.monotonic()
         with self._lock:
             idle = self._idle.get(key) or []
             while idle:
                 conn = idle.pop()
-                if not conn.dropped():
+                if not conn.dropped(now):
                     return conn
                 conn.close()
         return _Connection(key[1], key[2], self._tls if key[0] == "https" else None, timeout)
 
     def _checkin(self, key: tuple[str, str, int], conn: _Connection) -> None:
+        conn.idle_since = time.monotonic()
         with self._lock:
             idle = self._idle.setdefault(key, [])
             if not self._closed and len(idle) < self._max_idle:

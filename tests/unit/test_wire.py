@@ -140,6 +140,15 @@ class TestHttp:
         assert _Handler.connections == 3
         http.close()
 
+    def test_connection_idle_too_long_is_not_reused(self, server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An idle connection older than IDLE_SECONDS is closed, not risked against the server's own timeout."""
+        monkeypatch.setattr(wire, "IDLE_SECONDS", 0.0)
+        http = vault._Http(True)
+        for _ in range(3):
+            assert http.request("GET", server + "/v1/a", timeout=5).status_code == 200
+        assert _Handler.connections == 3
+        http.close()
+
     def test_redirect_is_followed_with_params(self, server: str) -> None:
         """A 307 is followed (hvac allows redirects); params reach the final URL."""
         http = vault._Http(True)
