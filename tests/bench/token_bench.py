@@ -257,40 +257,17 @@ def main() -> int:
         seed_vendor_key(vault, vendor_path, VENDOR_KEY)
         provision(base)
 
-        on_groups = broker_settings(
-            vault=vault,
-            sim=sim,
-            issuer=issuer,
-            workdir=workdir,
-            desired_file=desired,
-            audit_file=workdir / "audit-on" / "audit.jsonl",
-        )
-        off_groups = broker_settings(
-            vault=vault,
-            sim=sim,
-            issuer=issuer,
-            workdir=workdir,
-            desired_file=desired,
-            audit_file=workdir / "audit-off" / "audit.jsonl",
-        )
-        tmpfs_groups = broker_settings(
-            vault=vault,
-            sim=sim,
-            issuer=issuer,
-            workdir=workdir,
-            desired_file=desired,
-            audit_file=Path(shm) / "audit.jsonl",
-        )
-        one_groups = broker_settings(
-            vault=vault,
-            sim=sim,
-            issuer=issuer,
-            workdir=workdir,
-            desired_file=desired,
-            audit_file=workdir / "audit-one" / "audit.jsonl",
-        )
-        for groups in (on_groups, off_groups, tmpfs_groups):
-            groups["server"]["workers"] = args.workers
+        def groups(audit_file: Path, workers: int) -> dict[str, dict[str, Any]]:
+            made = broker_settings(
+                vault=vault, sim=sim, issuer=issuer, workdir=workdir, desired_file=desired, audit_file=audit_file
+            )
+            made["server"]["workers"] = workers
+            return made
+
+        on_groups = groups(workdir / "audit-on" / "audit.jsonl", args.workers)
+        off_groups = groups(workdir / "audit-off" / "audit.jsonl", args.workers)
+        tmpfs_groups = groups(Path(shm) / "audit.jsonl", args.workers)
+        one_groups = groups(workdir / "audit-one" / "audit.jsonl", 1)
         broker_one = procs.spawn("broker-audit-on-1-worker", [PYTHON, "-m", "broker", "serve"], env_of(one_groups))
         broker_on = procs.spawn("broker-audit-on", [PYTHON, "-m", "broker", "serve"], env_of(on_groups))
         broker_tmpfs = procs.spawn("broker-audit-tmpfs", [PYTHON, "-m", "broker", "serve"], env_of(tmpfs_groups))
