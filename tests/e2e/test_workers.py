@@ -60,11 +60,15 @@ def tokens_issued(metrics_text: str) -> float:
     )
 
 
-def issue(served: Served) -> None:
+def post_token(served: Served) -> httpx.Response:
     headers = {"Authorization": "Bearer " + served.issuer.mint("apps", "payments")}
     body = {"organization_id": REF.organization_id, "vendor_id": REF.vendor_id}
     # A new connection each time: the kernel hands connections, not requests, to workers.
-    response = httpx.post(f"{served.url}/v1/tokens", json=body, headers=headers, timeout=10)
+    return httpx.post(f"{served.url}/v1/tokens", json=body, headers=headers, timeout=10)
+
+
+def issue(served: Served) -> None:
+    response = post_token(served)
     assert response.status_code == 201, response.text
 
 
@@ -76,9 +80,19 @@ def test_two_workers_serve_count_audit_restart_and_stop_together(
         chains = [served.audit_file, served.audit_file.parent / "worker-1" / served.audit_file.name]
         wait_for("both workers to start", lambda: all(count(c, "broker.started") == 1 for c in chains))
         assert len(children(supervisor)) == 2
+        # /readyz answered by a worker that does not lead says nothing of the integration: the leader
+        # provisions it on its first pass. Until then the answer is 404 INTEGRATION_NOT_FOUND.
+        early: list[int] = []
+
+        def provisioned() -> bool:
+            early.append(post_token(served).status_code)
+            return early[-1] == 201
+
+        wait_for("the integration to be provisioned", provisioned)
+        assert set(early) <= {201, 404}, early
 
         issued = 40
-        for _ in range(issued):
+        for _ in range(issued - 1):
             issue(served)
         # Whichever worker answers the scrape, the totals are the two workers' added up.
         for _ in range(6):
