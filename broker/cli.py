@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import os
 import signal
 import sys
 import threading
@@ -390,9 +391,10 @@ def dev_cmd(backend: str, port: int, policies: Path, workdir: Path | None, once:
 @cli.command("serve")
 @click.option("--worker", "worker_index", type=int, default=None, hidden=True, help="Internal: worker index.")
 @click.option("--listen-fd", type=int, default=None, hidden=True, help="Internal: inherited listening socket.")
+@click.option("--ready-fd", type=int, default=None, hidden=True, help="Internal: closed once serving.")
 @click.pass_context
 @handle_errors
-def serve_cmd(ctx: click.Context, worker_index: int | None, listen_fd: int | None) -> None:
+def serve_cmd(ctx: click.Context, worker_index: int | None, listen_fd: int | None, ready_fd: int | None) -> None:
     """Run the broker: HTTP API, reconcile loop, policy reload, audit trail.
 
     With ``server.workers`` > 1 this process supervises that many workers
@@ -426,8 +428,21 @@ def serve_cmd(ctx: click.Context, worker_index: int | None, listen_fd: int | Non
         access_log=False,
         timeout_graceful_shutdown=int(settings.server.shutdown_grace_seconds),
     )
-    server = DrainingServer(config, drain_seconds=settings.server.drain_seconds, on_drain=runtime.begin_drain)
+    server = DrainingServer(
+        config,
+        drain_seconds=settings.server.drain_seconds,
+        on_drain=runtime.begin_drain,
+        on_started=functools.partial(_signal_ready, ready_fd) if ready_fd is not None else None,
+    )
     server.run(sockets=[socket.socket(fileno=listen_fd)] if listen_fd is not None else None)
+
+
+def _signal_ready(ready_fd: int) -> None:
+    """Tell the worker supervisor this worker is serving (a byte, then close)."""
+    try:
+        os.write(ready_fd, b"1")
+    finally:
+        os.close(ready_fd)
 
 
 def _ref_option(func: Callable[..., Any]) -> Callable[..., Any]:

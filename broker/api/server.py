@@ -11,6 +11,7 @@ skips what is left of the drain. The process then exits 0.
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -21,11 +22,25 @@ import uvicorn
 class DrainingServer(uvicorn.Server):
     """``uvicorn.Server`` whose exit signal first drains (see the module docstring)."""
 
-    def __init__(self, config: uvicorn.Config, *, drain_seconds: float, on_drain: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        drain_seconds: float,
+        on_drain: Callable[[], None],
+        on_started: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(config)
         self._drain_seconds = drain_seconds
         self._on_drain = on_drain
+        self._on_started = on_started
         self._draining = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's start-up (lifespan, listeners), then ``on_started`` once it is serving."""
+        await super().startup(sockets)
+        if self.started and self._on_started is not None:
+            self._on_started()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit:

@@ -17,7 +17,10 @@ With ``workers: N`` the ``broker serve`` process becomes a small supervisor:
 - SIGTERM / SIGINT are passed to every worker, which drains and stops as a
   single broker would; the supervisor exits when they have, 0 if all did;
 - a worker that dies is logged and started again, after a pause that
-  doubles from 1 s up to 30 s while it keeps dying young.
+  doubles from 1 s up to 30 s while it keeps dying young; but one that
+  fails at start-up, before it ever served (each worker says when it
+  serves, through a pipe), stops them all with its exit status: that is a
+  configuration error, which restarting would only repeat.
 
 What changes with N workers: coalescing is per worker (N concurrent cold
 requests for one integration may read each secret up to N times), and an
@@ -41,6 +44,7 @@ from pathlib import Path
 from types import FrameType
 
 from broker.audit import worker_audit_path
+from broker.errors import ConfigError
 from broker.log import get_logger
 from broker.metrics import MULTIPROC_ENV, mark_worker_dead
 from broker.settings import Settings
@@ -81,6 +85,20 @@ class _Worker:
     started_at: float = 0.0
     restart_at: float = 0.0
     delay: float = RESTART_DELAY_SECONDS
+    runs: int = 0
+    ready_fd: int | None = None  # read end of the pipe the worker writes one byte to once serving
+    serving: bool = False
+
+    def check_ready(self) -> None:
+        if self.ready_fd is None:
+            return
+        try:
+            data = os.read(self.ready_fd, 1)
+        except BlockingIOError:
+            return
+        self.serving = data == b"1"
+        os.close(self.ready_fd)
+        self.ready_fd = None
 
 
 class Supervisor:
@@ -90,12 +108,15 @@ class Supervisor:
         self._settings = settings
         self._workers = [_Worker(i) for i in range(settings.server.workers)]
         self._stopping = threading.Event()
-        self._signals = 0
+        self._failed_at_start: int | None = None
 
     def run(self) -> int:
         """Serve until a signal stops the workers; the exit status for the process."""
         server = self._settings.server
-        sock = listen_socket(server.host, server.port)
+        try:
+            sock = listen_socket(server.host, server.port)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {server.host}:{server.port}: {exc.strerror or exc}") from None
         metrics_dir = Path(tempfile.mkdtemp(prefix="mspc-broker-metrics-"))
         env = dict(os.environ)
         env[MULTIPROC_ENV] = str(metrics_dir)
@@ -107,7 +128,8 @@ class Supervisor:
             while not self._stopping.is_set():
                 self._watch(sock, env, metrics_dir)
                 self._stopping.wait(POLL_SECONDS)
-            return self._stop(metrics_dir)
+            status = self._stop(metrics_dir)
+            return self._failed_at_start if self._failed_at_start is not None else status
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -116,19 +138,42 @@ class Supervisor:
                 if worker.process is not None and worker.process.poll() is None:
                     worker.process.kill()
                     worker.process.wait()
+                if worker.ready_fd is not None:
+                    os.close(worker.ready_fd)
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
     def _start(self, worker: _Worker, sock: socket.socket, env: dict[str, str]) -> None:
         fd = sock.fileno()
+        ready_read, ready_write = os.pipe()
+        os.set_blocking(ready_read, False)
         argv = [*WORKER_COMMAND, "serve", "--worker", str(worker.index), "--listen-fd", str(fd)]
-        worker.process = subprocess.Popen(argv, env=env, pass_fds=(fd,), stdin=subprocess.DEVNULL)  # noqa: S603 - our own command
+        argv += ["--ready-fd", str(ready_write)]
+        try:
+            worker.process = subprocess.Popen(  # noqa: S603 - our own command
+                argv, env=env, pass_fds=(fd, ready_write), stdin=subprocess.DEVNULL
+            )
+        finally:
+            os.close(ready_write)
+        if worker.ready_fd is not None:
+            os.close(worker.ready_fd)
+        worker.ready_fd, worker.serving = ready_read, False
+        worker.runs += 1
         worker.started_at = time.monotonic()
         log.info("worker started", worker=worker.index, pid=worker.process.pid)
 
     def _watch(self, sock: socket.socket, env: dict[str, str], metrics_dir: Path) -> None:
         now = time.monotonic()
         for worker in self._workers:
+            worker.check_ready()
             process = worker.process
+            if process is not None and process.poll() is not None and not worker.serving and worker.runs == 1:
+                # Failing before it ever served, at start-up: a configuration problem (the worker said which
+                # on stderr). Restarting would only repeat it: stop, as a single broker process would.
+                log.error("worker failed at start-up; stopping", worker=worker.index, exit_code=process.returncode)
+                self._failed_at_start = process.returncode or 1
+                worker.process = None
+                self._on_signal(signal.SIGTERM, None)
+                return
             if process is not None and process.poll() is not None:
                 lived = now - worker.started_at
                 if lived >= HEALTHY_AFTER_SECONDS:
@@ -149,7 +194,6 @@ class Supervisor:
                 self._start(worker, sock, env)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self._signals += 1
         self._stopping.set()
         for worker in self._workers:  # a second signal reaches the workers too: they skip the rest of the drain
             if worker.process is not None and worker.process.poll() is None:

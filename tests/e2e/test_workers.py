@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -130,3 +131,40 @@ def test_two_workers_serve_count_audit_restart_and_stop_together(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count(": OK ") == 2, done.stdout
+
+
+def _serve_workers(env_extra: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env |= {
+        "BROKER_SERVER__WORKERS": "2",
+        "BROKER_AUDIT__ALLOW_EPHEMERAL_KEY": "true",
+        "BROKER_AUDIT__FILE_PATH": str(tmp_path / "audit" / "audit.jsonl"),
+        **env_extra,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "broker", "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _serve_workers({"BROKER_SERVER__PORT": str(port)}, tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error CONFIG_INVALID: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+
+
+def test_a_worker_failing_at_start_up_stops_the_broker_instead_of_restarting(tmp_path: Path) -> None:
+    """A configuration error shows in every worker at start-up: the supervisor exits, nothing is left running."""
+    started = time.monotonic()
+    missing = tmp_path / "missing"
+    done = _serve_workers({"BROKER_SERVER__PORT": "0", "BROKER_POLICY__DIR": str(missing)}, tmp_path)
+    assert done.returncode == 1
+    assert time.monotonic() - started < 30
+    assert f"error POLICY_INVALID: {missing}: policy directory does not exist" in done.stderr
+    assert "worker failed at start-up; stopping" in done.stderr
+    assert "restarting" not in done.stderr and "Traceback" not in done.stderr
