@@ -74,7 +74,12 @@ class StoreSettings(_Group):
         description="Owner recorded on secrets the broker writes (Vault custom_metadata / AWS tag 'owner').",
     )
     max_versions: int = Field(
-        20, ge=2, le=100, description="Versions kept per partner-key secret (Vault max_versions; AWS cleanup)."
+        20,
+        ge=2,
+        le=100,
+        description="Versions kept per partner-key secret: Vault's KV v2 max_versions. On AWS only the live stages "
+        "keep a staging label, so older versions are deprecated and Secrets Manager removes them past its own limit "
+        "(its API cannot delete a version).",
     )
 
 

@@ -179,6 +179,36 @@ class TestLifecycle:
         assert h.versions() == versions
         assert h.engine.revoke(desired).action == "revoked"
 
+    def test_retention_keeps_old_versions_bounded(
+        self, harness: Callable[..., Harness], broker_config: Callable[..., dict[str, Any]], sim: Any
+    ) -> None:
+        """Vault keeps at most store.max_versions; on AWS only the live stages keep a label, so every older
+        version is deprecated and left to Secrets Manager's own limit (its API cannot delete a version)."""
+        config = broker_config(store={"max_versions": 3}, engine={"max_rotations_per_day": 20})
+        h = harness(config)
+        desired = DesiredIntegration(REF, grace_seconds=0)
+        h.engine.provision(desired)
+        for _ in range(4):
+            assert h.engine.rotate(desired).ok
+        path = h.engine.partner_path(REF)
+        if config["store"]["backend"] == "vault":
+            assert h.versions() <= 3
+            return
+        import boto3
+
+        native = boto3.client(
+            "secretsmanager",
+            endpoint_url=config["aws"]["endpoint_url"],
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        listed = native.list_secret_version_ids(SecretId=path, IncludeDeprecated=True)["Versions"]
+        labelled = [v for v in listed if v.get("VersionStages")]
+        assert len(listed) >= 5 and len(labelled) <= 4, labelled  # current, previous, pending, newest marker
+        current = h.partner().version
+        assert any(v["VersionId"] == current and "AWSCURRENT" in v["VersionStages"] for v in labelled)
+
     def test_failed_probe_rolls_back(self, harness: Callable[..., Harness], seed_vendor: Any, sim: Any) -> None:
         """A rotation whose probe fails discards pending, keeps current, and revokes the useless integration."""
         h = harness()
