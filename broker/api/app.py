@@ -57,12 +57,17 @@ class RuntimeLike(Protocol):
 # -- request / response models ----------------------------------------------------
 
 
+MAX_MIN_TTL_SECONDS = 86400  # the largest min_ttl_seconds a token request may ask for
+
+
 class TokenRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     organization_id: str = Field(pattern=IDENTIFIER_REGEX, description="MSPC organizationId.")
     vendor_id: str = Field(pattern=IDENTIFIER_REGEX, description="MSPC vendorId.")
-    min_ttl_seconds: int = Field(0, ge=0, le=86400, description="Refuse rather than issue a token living less.")
+    min_ttl_seconds: int = Field(
+        0, ge=0, le=MAX_MIN_TTL_SECONDS, description="Refuse rather than issue a token living less."
+    )
 
 
 class TokenResponse(BaseModel):
@@ -305,7 +310,6 @@ def _internal_error() -> Response:
 
 _TOKEN_FIELDS = frozenset({"organization_id", "vendor_id", "min_ttl_seconds"})
 _IDENTIFIER = re.compile(IDENTIFIER_REGEX)
-_MAX_MIN_TTL = 86400  # as TokenRequest.min_ttl_seconds
 _HOT_BODY_BYTES = 16 * 1024  # a token request is ~100 bytes; bigger bodies take the FastAPI route
 
 
@@ -330,7 +334,7 @@ def _token_request(content_type: bytes | None, raw: bytes) -> tuple[str, str, in
     org, vendor, min_ttl = body.get("organization_id"), body.get("vendor_id"), body.get("min_ttl_seconds", 0)
     if type(org) is not str or type(vendor) is not str or type(min_ttl) is not int:
         return None
-    if not (_IDENTIFIER.fullmatch(org) and _IDENTIFIER.fullmatch(vendor) and 0 <= min_ttl <= _MAX_MIN_TTL):
+    if not (_IDENTIFIER.fullmatch(org) and _IDENTIFIER.fullmatch(vendor) and 0 <= min_ttl <= MAX_MIN_TTL_SECONDS):
         return None
     return org, vendor, min_ttl
 
