@@ -72,7 +72,7 @@ from broker.settings import AuditSettings
 
 _TAIL_CHUNK_BYTES = 64 * 1024
 _MAX_BATCH = 512
-_OUTBOX_MAX_RECORDS = 64
+_BATCH_MAX_RECORDS = 64
 _MAX_LISTED_SEQS = 100
 
 _QUEUED, _WRITING, _ABANDONED, _ABANDONED_WRITING, _DONE = range(5)
@@ -433,7 +433,7 @@ class AuditLog:
         """``emit`` for async callers.
 
         Records made in one event-loop iteration travel together (at most
-        ``_OUTBOX_MAX_RECORDS``): one queue entry, one timeout timer, one
+        ``_BATCH_MAX_RECORDS``): one queue entry, one timeout timer, one
         wake-up, and one write and fsync, instead of one hand-over each.
         """
         body = self._body_for(event)
@@ -447,7 +447,7 @@ class AuditLog:
         future: asyncio.Future[None] = loop.create_future()
         batch.bodies.append(body)
         batch.futures.append(future)
-        if len(batch.bodies) >= _OUTBOX_MAX_RECORDS:  # a herd: keep the writer busy while the rest arrive
+        if len(batch.bodies) >= _BATCH_MAX_RECORDS:  # a herd: keep the writer busy while the rest arrive
             self._flush_batch(loop)
         try:
             await future
@@ -527,8 +527,8 @@ class AuditLog:
             with self._queued_lock:
                 self._queued_records -= size
 
-    def _queue_full(self) -> AuditUnavailable:
-        self._metrics.audit_failures.labels(reason="queue_full").inc()
+    def _queue_full(self, records: int = 1) -> AuditUnavailable:
+        self._metrics.audit_failures.labels(reason="queue_full").inc(records)
         return AuditUnavailable("audit queue is full; nothing was issued", retry_after_seconds=1.0)
 
     def _flush_batch(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -539,8 +539,7 @@ class AuditLog:
         if self._closed:
             batch.error = AuditUnavailable("the audit log is closed")
         elif not self._reserve(len(batch.bodies)):
-            batch.error = self._queue_full()
-            self._metrics.audit_failures.labels(reason="queue_full").inc(len(batch.bodies) - 1)
+            batch.error = self._queue_full(len(batch.bodies))
         else:
             batch.timer = loop.call_later(self._timeout_seconds, self._expire_batch, batch)
             self._queue.put_nowait(batch)
