@@ -257,15 +257,20 @@ def _audit_key(ctx: click.Context, key_file: Path | None, *, required: bool) -> 
     return key
 
 
-def _audit_paths(ctx: click.Context, paths: tuple[Path, ...]) -> list[Path]:
+def _audit_chains(ctx: click.Context, paths: tuple[Path, ...]) -> list[list[Path]]:
+    """PATHS as one chain; without them the configured file's chains (its own, then each worker's)."""
     from broker.audit import default_chains
 
     if paths:
-        return list(paths)
+        return [list(paths)]
     file_path = settings_from(ctx).audit.file_path
     if file_path is None:
         raise ConfigError("no audit file configured (BROKER_AUDIT__FILE_PATH): pass PATH")
-    return [path for chain in default_chains(file_path) for path in chain]
+    return default_chains(file_path) or [[]]
+
+
+def _audit_paths(ctx: click.Context, paths: tuple[Path, ...]) -> list[Path]:
+    return [path for chain in _audit_chains(ctx, paths) for path in chain]
 
 
 def _when(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
@@ -295,20 +300,14 @@ def audit_verify_cmd(ctx: click.Context, paths: tuple[Path, ...], key_file: Path
     """Check every hash, link and checkpoint MAC in PATHS (one chain: files in any order or directories;
     default: the configured file and its rotations, and each server worker's chain). Exit 1 naming the
     first broken record."""
-    from broker.audit import default_chains, verify_chain
+    from broker.audit import verify_chain
 
     key = _audit_key(ctx, key_file, required=False)
-    if paths:
-        chains = [list(paths)]
-    else:
-        file_path = settings_from(ctx).audit.file_path
-        if file_path is None:
-            raise ConfigError("no audit file configured (BROKER_AUDIT__FILE_PATH): pass PATH")
-        chains = default_chains(file_path) or [[file_path]]
+    chains = _audit_chains(ctx, paths)
     failed = False
     for chain in chains:
         report = verify_chain(chain, key=key, partial=partial)
-        where = f"{chain[-1]}: " if len(chains) > 1 else ""
+        where = f"{chain[-1]}: " if len(chains) > 1 else ""  # several chains: name each
         click.echo(where + report.summary())
         failed = failed or not report.ok
     if failed:

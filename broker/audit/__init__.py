@@ -90,14 +90,20 @@ def default_paths(file_path: Path) -> list[Path]:
     return [*rotated_siblings(file_path), *([file_path] if file_path.exists() else [])]
 
 
+_WORKER_DIR = "worker-"
+
+
 def worker_audit_path(file_path: Path, index: int) -> Path:
     """The chain of server worker ``index``: the configured file for worker 0, ``worker-I/<name>`` beside it else."""
-    return file_path if index == 0 else file_path.parent / f"worker-{index}" / file_path.name
+    return file_path if index == 0 else file_path.parent / f"{_WORKER_DIR}{index}" / file_path.name
 
 
 def default_chains(file_path: Path) -> list[list[Path]]:
     """Every server chain of the configured audit file: its own, then each worker's (``server.workers`` > 1)."""
-    workers = [d for d in file_path.parent.glob("worker-*") if d.is_dir() and d.name[len("worker-") :].isdigit()]
-    workers.sort(key=lambda d: int(d.name[len("worker-") :]))
-    chains = [default_paths(file_path), *(default_paths(d / file_path.name) for d in workers)]
+    indexes = sorted(
+        int(d.name.removeprefix(_WORKER_DIR))
+        for d in file_path.parent.glob(_WORKER_DIR + "*")
+        if d.is_dir() and d.name.removeprefix(_WORKER_DIR).isdigit()
+    )
+    chains = [default_paths(worker_audit_path(file_path, i)) for i in [0, *indexes]]
     return [chain for chain in chains if chain]
