@@ -166,15 +166,15 @@ class Supervisor:
         for worker in self._workers:
             worker.check_ready()
             process = worker.process
-            if process is not None and process.poll() is not None and not worker.serving and worker.runs == 1:
-                # Failing before it ever served, at start-up: a configuration problem (the worker said which
-                # on stderr). Restarting would only repeat it: stop, as a single broker process would.
-                log.error("worker failed at start-up; stopping", worker=worker.index, exit_code=process.returncode)
-                self._failed_at_start = process.returncode or 1
-                worker.process = None
-                self._on_signal(signal.SIGTERM, None)
-                return
             if process is not None and process.poll() is not None:
+                worker.process = None
+                if not worker.serving and worker.runs == 1:
+                    # Failing before it ever served, at start-up: a configuration problem (the worker said which
+                    # on stderr). Restarting would only repeat it: stop, as a single broker process would.
+                    log.error("worker failed at start-up; stopping", worker=worker.index, exit_code=process.returncode)
+                    self._failed_at_start = process.returncode or 1
+                    self._on_signal(signal.SIGTERM, None)
+                    return
                 lived = now - worker.started_at
                 if lived >= HEALTHY_AFTER_SECONDS:
                     worker.delay = RESTART_DELAY_SECONDS
@@ -189,7 +189,6 @@ class Supervisor:
                 )
                 worker.delay = min(worker.delay * 2, MAX_RESTART_DELAY_SECONDS)
                 mark_worker_dead(metrics_dir, process.pid)
-                worker.process = None
             if worker.process is None and now >= worker.restart_at and not self._stopping.is_set():
                 self._start(worker, sock, env)
 
