@@ -1,11 +1,17 @@
-"""``broker serve`` with ``server.workers`` > 1: one listening socket, N worker processes.
+"""``broker serve`` with ``server.workers`` > 1: N worker processes on one port.
 
 Python runs one thread of Python at a time, so one process uses one core.
 With ``workers: N`` the ``broker serve`` process becomes a small supervisor:
 
-- it binds the listening socket once and starts N workers, each
-  ``python -m broker serve --worker I --listen-fd FD`` with the same
-  environment; the kernel hands each new connection to one of them;
+- it starts N workers, each ``python -m broker serve --worker I
+  --listen-fd FD`` with the same environment and a listening socket of its
+  own, all bound to the one port with ``SO_REUSEPORT``: the kernel spreads
+  new connections evenly over them by a hash of the client address. (With
+  one shared socket, whichever worker called ``accept`` first took every
+  connection waiting, and a benchmark's 32 connections sometimes all went to
+  one worker.) A worker's socket dies with it, so while it restarts its
+  share goes to the others instead of waiting in a queue nobody accepts
+  from;
 - each worker is a whole broker (``Runtime``): its own key cache, identity
   cache and policy set; its own audit chain (worker 0 writes the configured
   file, worker I the same name in ``<audit dir>/worker-I/``: one writer per
@@ -68,14 +74,33 @@ def worker_settings(settings: Settings, index: int) -> Settings:
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
-    """The listening socket the workers share (inheritable, so it passes to them by number)."""
+    """A worker's listening socket, one of the ``SO_REUSEPORT`` group on the port (inheritable: it passes by number)."""
     info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(info[0], socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(info[4])
-    sock.listen(2048)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(info[4])
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
     sock.set_inheritable(True)
     return sock
+
+
+def claim_port(host: str, port: int) -> int:
+    """Check that nothing listens on ``host:port`` and return the port (the one the kernel picked for 0).
+
+    The probe binds without ``SO_REUSEPORT``, so a listener of any kind,
+    even another broker's ``SO_REUSEPORT`` group, makes it fail: two brokers
+    never silently share a port.
+    """
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    with socket.socket(info[0], socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(info[4])
+        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -109,31 +134,33 @@ class Supervisor:
         self._workers = [_Worker(i) for i in range(settings.server.workers)]
         self._stopping = threading.Event()
         self._failed_at_start: int | None = None
+        self._port = settings.server.port
 
     def run(self) -> int:
         """Serve until a signal stops the workers; the exit status for the process."""
         server = self._settings.server
         try:
-            sock = listen_socket(server.host, server.port)
+            self._port = claim_port(server.host, server.port)
+            first = listen_socket(server.host, self._port)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {server.host}:{server.port}: {exc.strerror or exc}") from None
         metrics_dir = Path(tempfile.mkdtemp(prefix="mspc-broker-metrics-"))
         env = dict(os.environ)
         env[MULTIPROC_ENV] = str(metrics_dir)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        log.info("workers starting", workers=len(self._workers), host=server.host, port=sock.getsockname()[1])
+        log.info("workers starting", workers=len(self._workers), host=server.host, port=self._port)
         try:
             for worker in self._workers:
-                self._start(worker, sock, env)
+                self._start(worker, env, first if worker.index == 0 else None)
             while not self._stopping.is_set():
-                self._watch(sock, env, metrics_dir)
+                self._watch(env, metrics_dir)
                 self._stopping.wait(POLL_SECONDS)
             status = self._stop(metrics_dir)
             return self._failed_at_start if self._failed_at_start is not None else status
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            sock.close()
+            first.close()
             for worker in self._workers:  # never leave a worker behind, whatever happened above
                 if worker.process is not None and worker.process.poll() is None:
                     worker.process.kill()
@@ -142,7 +169,15 @@ class Supervisor:
                     os.close(worker.ready_fd)
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
-    def _start(self, worker: _Worker, sock: socket.socket, env: dict[str, str]) -> None:
+    def _start(self, worker: _Worker, env: dict[str, str], sock: socket.socket | None = None) -> None:
+        """Start ``worker`` on ``sock`` or a new socket of the group; the worker owns it from then on."""
+        if sock is None:
+            try:
+                sock = listen_socket(self._settings.server.host, self._port)
+            except OSError as exc:
+                worker.restart_at = time.monotonic() + worker.delay
+                log.error("worker cannot listen; retrying", worker=worker.index, error=exc.strerror or str(exc))
+                return
         fd = sock.fileno()
         ready_read, ready_write = os.pipe()
         os.set_blocking(ready_read, False)
@@ -154,6 +189,7 @@ class Supervisor:
             )
         finally:
             os.close(ready_write)
+            sock.close()  # the worker's copy is the only one left: it closes when the worker dies
         if worker.ready_fd is not None:
             os.close(worker.ready_fd)
         worker.ready_fd, worker.serving = ready_read, False
@@ -161,7 +197,7 @@ class Supervisor:
         worker.started_at = time.monotonic()
         log.info("worker started", worker=worker.index, pid=worker.process.pid)
 
-    def _watch(self, sock: socket.socket, env: dict[str, str], metrics_dir: Path) -> None:
+    def _watch(self, env: dict[str, str], metrics_dir: Path) -> None:
         now = time.monotonic()
         for worker in self._workers:
             worker.check_ready()
@@ -190,7 +226,7 @@ class Supervisor:
                 worker.delay = min(worker.delay * 2, MAX_RESTART_DELAY_SECONDS)
                 mark_worker_dead(metrics_dir, process.pid)
             if worker.process is None and now >= worker.restart_at and not self._stopping.is_set():
-                self._start(worker, sock, env)
+                self._start(worker, env)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._stopping.set()

@@ -1,4 +1,4 @@
-"""`broker serve` with `server.workers: 2`: one listener, two whole brokers, added-up metrics, a chain each."""
+"""`broker serve` with `server.workers: 2`: one port, two whole brokers, added-up metrics, a chain each."""
 
 from __future__ import annotations
 
@@ -73,6 +73,31 @@ def issue(served: Served) -> None:
     assert response.status_code == 201, response.text
 
 
+def burst(served: Served, connections: int) -> list[int]:
+    """Open ``connections`` connections at once, then ask for a token on each; the status codes."""
+    headers = {"Authorization": "Bearer " + served.issuer.mint("apps", "payments")}
+    body = json.dumps({"organization_id": REF.organization_id, "vendor_id": REF.vendor_id}).encode()
+    host, port = served.url.removeprefix("http://").rsplit(":", 1)
+    request = (
+        f"POST /v1/tokens HTTP/1.1\r\nHost: {host}\r\nAuthorization: {headers['Authorization']}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    socks = [socket.create_connection((host, int(port)), timeout=10) for _ in range(connections)]
+    try:
+        for sock in socks:
+            sock.sendall(request)
+        statuses = []
+        for sock in socks:
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            statuses.append(int(answer.split(b" ", 2)[1]))
+        return statuses
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def test_two_workers_serve_count_audit_restart_and_stop_together(
     broker_config: Callable[..., dict[str, Any]], seed_vendor: Callable[..., None], tmp_path: Path
 ) -> None:
@@ -99,6 +124,15 @@ def test_two_workers_serve_count_audit_restart_and_stop_together(
         for _ in range(6):
             assert tokens_issued(httpx.get(f"{served.url}/metrics", timeout=10).text) == issued
         assert sum(count(c, "token.issued") for c in chains) == issued
+
+        # Connections opened together are spread over both workers (each has its own SO_REUSEPORT socket;
+        # with one shared socket, the first worker to accept took them all). P(either gets < 4 of 32) < 1e-5.
+        before = [count(c, "token.issued") for c in chains]
+        assert burst(served, 32) == [201] * 32
+        after = [count(c, "token.issued") for c in chains]
+        assert sum(after) - sum(before) == 32
+        assert min(a - b for a, b in zip(after, before, strict=True)) >= 4, (before, after)
+        issued += 32
 
         # A worker that dies is started again; the other serves meanwhile; counts survive.
         victim = min(children(supervisor))
@@ -146,8 +180,11 @@ def _serve_workers(env_extra: dict[str, str], tmp_path: Path) -> subprocess.Comp
     )
 
 
-def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["plain-listener", "reuseport-listener"])
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path, reuse_port: bool) -> None:
+    """Even a listener that would share the port (another broker's SO_REUSEPORT group) makes the start fail."""
     with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(reuse_port))
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
