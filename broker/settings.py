@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.errors import ConfigError
@@ -224,6 +224,16 @@ class PolicySettings(_Group):
 class AuditSettings(_Group):
     """The hash-chained audit trail."""
 
+    @field_validator("fsync", mode="before")
+    @classmethod
+    def _fsync_bool(cls, value: Any) -> Any:
+        """Before ``fsync`` had modes it was a bool: true meant always, false never."""
+        if isinstance(value, bool):
+            return "always" if value else "never"
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return "always" if value.strip().lower() == "true" else "never"
+        return value
+
     file_path: Path | None = Field(Path("audit/audit.jsonl"), description="Audit file; unset = no file sink.")
     stdout: bool = Field(False, description="Also write audit records to stdout.")
     hmac_key: SecretStr | None = Field(None, description="Key for HMAC-SHA256 of tokens and keys in records.")
@@ -237,7 +247,17 @@ class AuditSettings(_Group):
         False,
         description="Dev only: without hmac_key, use a random per-process key (HMACs cannot be looked up later).",
     )
-    fsync: bool = Field(True, description="fsync the audit file before acknowledging each batch of records.")
+    fsync: Literal["always", "interval", "never"] = Field(
+        "interval",
+        description=(
+            "always: a record is fsynced before its request is answered (a power loss loses nothing answered); "
+            "interval: answered once written to the file (a broker crash loses nothing), fsynced within "
+            "fsync_interval_ms (a power loss can lose that much); never: left to the OS. true = always, false = never."
+        ),
+    )
+    fsync_interval_ms: int = Field(
+        1000, ge=1, description="With fsync: interval, the longest a written record waits for fsync, in milliseconds."
+    )
     queue_max_records: int = Field(
         10000, ge=1, description="Records waiting for the writer at most; past this, writes fail at once."
     )

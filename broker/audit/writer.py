@@ -2,9 +2,21 @@
 
 One daemon thread owns every byte of I/O (files and stdout). Callers put a
 request on a bounded queue and wait at most ``write_timeout_ms`` for it to be
-written (and fsynced); otherwise they get ``AuditUnavailable`` and must not
-carry out the audited act. The writer commits requests in batches (one
-write and one fsync per batch) and only then acknowledges them. The records
+written; otherwise they get ``AuditUnavailable`` and must not carry out the
+audited act. The writer commits requests in batches (one write per batch)
+and only then acknowledges them. "Written" depends on ``fsync``:
+
+- ``always``: written and fsynced (one fsync per batch): nothing
+  acknowledged is lost even to a power cut;
+- ``interval`` (the default): written to the file, so in the kernel's page
+  cache, where a crash or kill of the broker cannot lose it; the writer
+  fsyncs within ``fsync_interval_ms`` after, without holding anybody up
+  (like auditd's default ``INCREMENTAL_ASYNC`` flush; Vault's file audit
+  device never fsyncs). A power cut or kernel crash can lose that much;
+- ``never``: the kernel writes back when it likes.
+
+A failed background fsync counts as a failed write: the log reports it
+(``audit.recovered``) and is unhealthy until the next good write. The records
 async callers make in one event-loop iteration travel as one request (one
 queue entry, one timer, one wake-up); the bound counts records, not requests.
 
@@ -45,6 +57,7 @@ import queue
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -283,8 +296,8 @@ def rotated_siblings(path: Path) -> list[Path]:
 class AuditLog:
     """Append-only, hash-chained audit trail with a bounded write path.
 
-    ``record`` / ``emit`` return an ``AuditReceipt`` once the record is durably
-    written to every sink, or raise ``AuditUnavailable`` within
+    ``record`` / ``emit`` return an ``AuditReceipt`` once the record is
+    written to every sink (as ``fsync`` defines written), or raise ``AuditUnavailable`` within
     ``write_timeout_ms``. ``arecord`` / ``aemit`` are the same for async callers
     (no thread is held while waiting). Use as a context manager, or call
     ``start`` and ``close``.
@@ -328,6 +341,7 @@ class AuditLog:
         self._since_checkpoint = 0
         self._notes = _Notes()
         self._healthy = True
+        self._unsynced_since: float | None = None  # monotonic time of the first write not yet fsynced
 
     # -- public API ---------------------------------------------------------------
 
@@ -565,7 +579,11 @@ class AuditLog:
 
     def _run(self) -> None:
         while not self._stopping:
-            request = self._queue.get()
+            try:
+                request = self._queue.get(timeout=self._sync_wait())
+            except queue.Empty:
+                self._sync()
+                continue
             self._taken(request)
             if request.kind == "stop":
                 break
@@ -575,8 +593,34 @@ class AuditLog:
             except Exception as exc:  # noqa: BLE001 - the writer must survive its own bugs
                 _log.error("audit_writer_bug", error=type(exc).__name__)
                 self._fail(batch, "internal", exc)
+            if self._sync_wait() == 0:
+                self._sync()
+        self._sync()
         self._close_file()
         self._release_lock()
+
+    def _sync_wait(self) -> float | None:
+        """Seconds until written records are due for fsync (``fsync: interval``); None if nothing is."""
+        if self._unsynced_since is None:
+            return None
+        due = self._unsynced_since + self._settings.fsync_interval_ms / 1000
+        return max(0.0, due - time.monotonic())
+
+    def _sync(self) -> None:
+        """fsync what was written but not yet synced; a failure is a failed write (reported, unhealthy)."""
+        if self._unsynced_since is None:
+            return
+        self._unsynced_since = None
+        if self._fd is None:
+            return
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._healthy = False
+            self._metrics.audit_failures.labels(reason="fsync").inc()
+            self._notes.failed(f"fsync: {_errname(exc)}", self._now())
+            _log.warning("audit_write_failed", reason="fsync", error=_errname(exc))
+            self._close_file()
 
     def _drain(self, batch: list[_Request]) -> None:
         """Add whatever else is queued (up to a batch), noting a stop request."""
@@ -834,7 +878,7 @@ class AuditLog:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            if self._regular and self._settings.fsync:
+            if self._regular and self._settings.fsync == "always":
                 os.fsync(fd)
         except OSError:
             if self._regular:
@@ -844,6 +888,8 @@ class AuditLog:
         self._size += len(data)
         if self._good is not None:
             self._good = (self._good[0], self._size)
+        if self._regular and self._settings.fsync == "interval" and self._unsynced_since is None:
+            self._unsynced_since = time.monotonic()
 
     def _rotate(self) -> None:
         assert self._path is not None and self._fd is not None
@@ -852,6 +898,7 @@ class AuditLog:
         if target.exists():
             raise FileExistsError(errno.EEXIST, "rotation target exists")
         os.fsync(self._fd)
+        self._unsynced_since = None
         os.rename(path, target)
         self._close_file()
         self._good = None  # the next file is new by our own doing, not a replacement

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +172,106 @@ class TestSinks:
             step(log, 1)
         lines = out.getvalue().splitlines()
         assert json.loads(lines[0])["seq"] == 0 and len(lines) == 2
+
+
+class FsyncSpy:
+    """Wraps the real ``os.fsync``: notes when each call on the audit file happens, and can fail the first ones."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, path: Path, fail: int = 0) -> None:
+        self.path = path
+        self.fail = fail
+        self.calls: list[float] = []
+        self.called = threading.Event()
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                self.calls.append(time.monotonic())
+                self.called.set()
+                if self.fail > 0:
+                    self.fail -= 1
+                    raise OSError(errno.EIO, "injected I/O error")
+            real(fd)
+
+        monkeypatch.setattr(writer_module.os, "fsync", fsync)
+
+
+def wait_until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+class TestFsync:
+    """When a record counts as written: ``fsync`` always, interval (the default) or never."""
+
+    def test_the_default_is_interval(self) -> None:
+        assert AuditSettings().fsync == "interval"
+        assert (AuditSettings(fsync=True).fsync, AuditSettings(fsync="false").fsync) == ("always", "never")
+
+    def test_always_syncs_before_the_record_is_acknowledged(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        path = tmp_path / "audit.jsonl"
+        path.touch()
+        spy = FsyncSpy(monkeypatch, path)
+        with AuditLog(settings(path, fsync="always")) as log:
+            for i in range(3):
+                before = len(spy.calls)
+                step(log, i)
+                assert len(spy.calls) == before + 1
+
+    def test_interval_acknowledges_first_and_syncs_within_the_interval(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        path = tmp_path / "audit.jsonl"
+        path.touch()
+        spy = FsyncSpy(monkeypatch, path)
+        with AuditLog(settings(path, fsync="interval", fsync_interval_ms=100)) as log:
+            step(log, 0)
+            acknowledged = time.monotonic()
+            assert spy.calls == []  # the caller did not wait for the disk
+            assert spy.called.wait(5)
+            assert spy.calls[0] - acknowledged >= 0.05  # due 100 ms after the write, not at once
+            for i in range(1, 20):  # a stream of records within one interval: one fsync, not one each
+                step(log, i)
+            assert len(spy.calls) <= 2
+        assert len(spy.calls) <= 3  # closing syncs what is left
+        assert verify_chain([path], key=KEY).ok
+
+    def test_never_leaves_it_to_the_kernel(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        path = tmp_path / "audit.jsonl"
+        path.touch()
+        spy = FsyncSpy(monkeypatch, path)
+        with AuditLog(settings(path, fsync="never")) as log:
+            for i in range(5):
+                step(log, i)
+        assert spy.calls == []
+        assert len(records(path)) == 6  # and a final checkpoint
+
+    def test_a_failed_background_fsync_is_reported_and_recovers(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """EIO from fsync means written records may not be on disk: unhealthy, counted, told in audit.recovered."""
+        path = tmp_path / "audit.jsonl"
+        path.touch()
+        spy = FsyncSpy(monkeypatch, path, fail=1)
+        metrics = Metrics()
+        with AuditLog(settings(path, fsync="interval", fsync_interval_ms=10), metrics=metrics) as log:
+            step(log, 0)
+            wait_until(lambda: not log.healthy)
+            assert sample(metrics, "broker_audit_failures_total", reason="fsync") == 1
+            step(log, 1)
+            assert log.healthy
+        assert spy.calls
+        written = records(path)
+        recovered = [r for r in written if r["action"] == "audit.recovered"]
+        assert len(recovered) == 1
+        assert recovered[0]["details"]["failures"] == 1
+        assert recovered[0]["details"]["last_failure"] == "fsync: EIO"
+        assert [r["details"].get("step") for r in written if r["action"] == "rotation.step"] == ["s0", "s1"]
+        assert verify_chain([path], key=KEY).ok
 
 
 class TestCheckpoints:
