@@ -107,12 +107,24 @@ _SECRET_NAME = re.compile(r"(secret|token|password|passwd|authorization|api_?key
 _DESCRIBES = re.compile(r"(_version|_versions|_hash|_hmac|_id|_ids|_path|_seconds|_type|_count|_stage|_at)$")
 
 
-_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+def _not_json(value: object) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# The encoder json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# builds on every call, built once (a test holds the output equal to json.dumps). Records are trees of
+# JSON values, so it keeps no circular-reference bookkeeping (markers None).
+_C_MAKE_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)
+_ENCODE: Any = (
+    _C_MAKE_ENCODER(None, _not_json, json.encoder.encode_basestring, None, ":", ",", True, False, False)
+    if _C_MAKE_ENCODER is not None
+    else json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).iterencode
+)
 
 
 def canonical(obj: Mapping[str, Any]) -> bytes:
     """The canonical serialisation hashed and written: sorted keys, no spaces, UTF-8."""
-    return _ENCODER.encode(obj).encode()
+    return "".join(_ENCODE(obj, 0)).encode()
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -240,6 +252,23 @@ def _names_secret(name: str) -> bool:
     return _SECRET_NAME.search(name) is not None and _DESCRIBES.search(name) is None
 
 
+@functools.lru_cache(maxsize=1024)
+def _check_names(details: tuple[str, ...], secrets: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` unless these details and secrets names may go in a record.
+
+    Events of one kind carry the same names again and again, so a set of
+    names is checked once (a refusal is not cached: it raises every time).
+    """
+    for name in details:
+        _check_name("details", name)
+        if _names_secret(name):
+            raise ValueError(f"details[{name!r}] names a secret: pass it in secrets= to store its HMAC")
+    for name in secrets:
+        _check_name("secrets", name)
+        if f"{name}_hmac" in details:
+            raise ValueError(f"details already has {name}_hmac")
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
     """One event to record, before the log gives it a place in the chain.
@@ -271,23 +300,18 @@ class AuditEvent:
             object.__setattr__(self, "action", AuditAction(self.action))
         if type(self.outcome) is not AuditOutcome:
             object.__setattr__(self, "outcome", AuditOutcome(self.outcome))
-        details: dict[str, DetailValue] = {}
-        for name, value in self.details.items():
-            _check_name("details", name)
-            if _names_secret(name):
-                raise ValueError(f"details[{name!r}] names a secret: pass it in secrets= to store its HMAC")
-            details[name] = value if type(value) in _SCALARS else _detail(name, value)
-        for name in self.secrets:
-            _check_name("secrets", name)
-            if f"{name}_hmac" in details:
-                raise ValueError(f"details already has {name}_hmac")
+        _check_names(tuple(self.details), tuple(self.secrets))
+        details: dict[str, DetailValue] = {
+            name: value if type(value) in _SCALARS else _detail(name, value) for name, value in self.details.items()
+        }
         object.__setattr__(self, "details", MappingProxyType(details))
         object.__setattr__(self, "secrets", MappingProxyType(dict(self.secrets)))
         self._check_action_shape()
 
     def _check_action_shape(self) -> None:
-        missing = REQUIRED_DETAILS.get(self.action, frozenset()) - set(self.details)
-        if missing:
+        required = REQUIRED_DETAILS.get(self.action)
+        if required is not None and not required.issubset(self.details):
+            missing = required - set(self.details)
             raise ValueError(f"{self.action} records need details {sorted(missing)}")
         if self.action == AuditAction.TOKEN_ISSUED:
             if "token" not in self.secrets or self.principal is None or self.ref is None:
@@ -410,12 +434,18 @@ def seal(body: Mapping[str, Any], *, seq: int, ts: str, prev: str) -> tuple[byte
     before ``"hash"`` and those after it are serialised apart, hashed joined,
     and joined again around the ``"hash"`` member.
     """
-    record = {k: v for k, v in body.items() if k != "hash"}
-    record["seq"] = seq
-    record["ts"] = ts
-    record["prev"] = prev
-    head = canonical({k: v for k, v in record.items() if k < "hash"})
-    tail = canonical({k: v for k, v in record.items() if k > "hash"})
+    before: dict[str, Any] = {}
+    after: dict[str, Any] = {}
+    for name, value in body.items():
+        if name < "hash":
+            before[name] = value
+        elif name > "hash":
+            after[name] = value
+    after["seq"] = seq  # the chain's values win over any in body ("prev", "seq", "ts" all sort after "hash")
+    after["ts"] = ts
+    after["prev"] = prev
+    head = canonical(before)
+    tail = canonical(after)
     digest = hashlib.sha256(_merge(head, tail)).hexdigest()
     return _merge(_merge(head, b'{"hash":"%s"}' % digest.encode()), tail) + b"\n", digest
 

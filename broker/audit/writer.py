@@ -319,7 +319,9 @@ class AuditLog:
         self._metrics = metrics or Metrics()
         self._path = settings.file_path
         self._stdout: BinaryIO | None = (stdout or sys.stdout.buffer) if settings.stdout else None
-        self._clock = clock or (lambda: datetime.now(UTC))
+        self._clock = clock  # None: the system clock, formatted by _now without a datetime
+        self._ts_second = -1
+        self._ts_prefix = ""
         self._timeout_seconds = settings.write_timeout_ms / 1000
         self._queue: queue.Queue[_Request] = queue.Queue()  # bounded by _reserve, in records
         self._queued_lock = threading.Lock()
@@ -636,7 +638,14 @@ class AuditLog:
                 batch.append(request)
 
     def _now(self) -> str:
-        return format_ts(self._clock())
+        """The current time as ``format_ts`` writes it (writer thread only: the second's prefix is cached)."""
+        if self._clock is not None:
+            return format_ts(self._clock())
+        second, micros = divmod(time.time_ns() // 1000, 1_000_000)
+        if second != self._ts_second:
+            self._ts_prefix = format_ts(datetime.fromtimestamp(second, UTC))[:-7]  # "...T12:34:56."
+            self._ts_second = second
+        return f"{self._ts_prefix}{micros:06d}Z"
 
     def _write_batch(self, requests: list[_Request]) -> None:
         if not requests and not self._notes.pending:

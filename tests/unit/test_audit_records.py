@@ -228,6 +228,33 @@ _JSON_VALUES = st.recursive(
 )
 
 
+@given(
+    value=st.dictionaries(
+        st.text(max_size=12),
+        st.recursive(
+            _JSON_SCALARS | st.floats(allow_nan=False, allow_infinity=False) | st.integers(),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+            max_leaves=8,
+        ),
+        max_size=8,
+    )
+)
+def test_canonical_is_json_dumps_sorted_compact_utf8(value: dict[str, Any]) -> None:
+    """The prebuilt encoder writes exactly what the verifier's reference (json.dumps) writes."""
+    reference = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    assert canonical(value) == reference.encode()
+
+
+def test_canonical_refuses_what_json_refuses() -> None:
+    with pytest.raises(ValueError, match="Out of range float"):
+        canonical({"x": float("nan")})
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        canonical({"x": object()})
+    assert canonical({"x": 1.5e-07, "y": 1e16, "z": '\u2028\x00"é'}) == (
+        b'{"x":1.5e-07,"y":1e+16,"z":"\xe2\x80\xa8\\u0000\\"\xc3\xa9"}'
+    )
+
+
 @given(body=st.dictionaries(st.text(max_size=12), _JSON_VALUES, max_size=8), seq=st.integers(0, 2**40))
 def test_seal_serialises_once_but_equals_the_reference(body: dict[str, Any], seq: int) -> None:
     """``seal`` (one serialisation, split around "hash") gives the reference line: canonical form, record_hash."""
