@@ -196,7 +196,7 @@ class AuditKey:
 
     def hmac_hex(self, value: SecretValue) -> str:
         """HMAC-SHA256 (hex) of a secret value, as stored in ``<name>_hmac`` fields."""
-        return hmac.new(self._secret_key, _secret_bytes(value), hashlib.sha256).hexdigest()
+        return hmac.digest(self._secret_key, _secret_bytes(value), "sha256").hex()
 
     def checkpoint_mac(self, record: Mapping[str, Any]) -> str:
         """MAC of a checkpoint record: over its canonical form without ``hash`` and ``mac``."""
@@ -417,15 +417,6 @@ class AuditEvent:
         )
 
 
-def _merge(left: bytes, right: bytes) -> bytes:
-    """Two canonical objects whose keys all sort left before right, as one canonical object."""
-    if left == b"{}":
-        return right
-    if right == b"{}":
-        return left
-    return left[:-1] + b"," + right[1:]
-
-
 def seal(body: Mapping[str, Any], *, seq: int, ts: str, prev: str) -> tuple[bytes, str]:
     """Give a record body its chain fields; return (the line to write, its hash).
 
@@ -444,10 +435,12 @@ def seal(body: Mapping[str, Any], *, seq: int, ts: str, prev: str) -> tuple[byte
     after["seq"] = seq  # the chain's values win over any in body ("prev", "seq", "ts" all sort after "hash")
     after["ts"] = ts
     after["prev"] = prev
-    head = canonical(before)
-    tail = canonical(after)
-    digest = hashlib.sha256(_merge(head, tail)).hexdigest()
-    return _merge(_merge(head, b'{"hash":"%s"}' % digest.encode()), tail) + b"\n", digest
+    head = canonical(before)[:-1]  # '{"action":...' without its "}" (just "{" if nothing sorts before "hash")
+    tail = canonical(after)[1:]  # '"organization_id":...}' without its "{" (never empty: "prev", "seq", "ts")
+    if len(head) > 1:
+        head += b","
+    digest = hashlib.sha256(head + tail).hexdigest()
+    return b'%s"hash":"%s",%s\n' % (head, digest.encode(), tail), digest
 
 
 def checkpoint_body(key: AuditKey, *, seq: int, ts: str, prev: str) -> dict[str, Any]:

@@ -323,7 +323,7 @@ class AuditLog:
         self._ts_second = -1
         self._ts_prefix = ""
         self._timeout_seconds = settings.write_timeout_ms / 1000
-        self._queue: queue.Queue[_Request] = queue.Queue()  # bounded by _reserve, in records
+        self._queue: queue.SimpleQueue[_Request] = queue.SimpleQueue()  # bounded by _reserve, in records
         self._queued_lock = threading.Lock()
         self._queued_records = 0
         self._batches: dict[asyncio.AbstractEventLoop, _LoopBatch] = {}  # per loop, touched by its thread
