@@ -180,6 +180,12 @@ class OemUnavailable(Unavailable):
     code = "OEM_UNAVAILABLE"
 
 
+class IntegrationPending(Unavailable):
+    """A desired integration has no partner key yet: the leader is provisioning it; retry."""
+
+    code = "INTEGRATION_PENDING"
+
+
 class AuditUnavailable(Unavailable):
     """The audit sink could not be written in time; nothing was issued."""
 

@@ -25,6 +25,7 @@ from broker.errors import (
     AuthenticationFailed,
     BrokerError,
     IntegrationNotFound,
+    IntegrationPending,
     PolicyDenied,
     SecretNotFound,
     TtlUnsatisfiable,
@@ -44,6 +45,8 @@ INTEGRATION_PROVISION = "integration:provision"
 INTEGRATION_ROTATE = "integration:rotate"
 INTEGRATION_REVOKE = "integration:revoke"
 AUDIT_READ = "audit:read"
+# A desired integration without a partner key yet is provisioned by the leader's next pass (or its retry).
+PENDING_RETRY_AFTER_SECONDS = 5.0
 
 
 class _RandomIds:
@@ -97,6 +100,21 @@ class AuditPort(Protocol):
         reason: str | None = None,
         details: Mapping[str, Any] | None = None,
         secrets: Mapping[str, SecretStr] | None = None,
+    ) -> Any: ...
+
+    async def atoken_issued(
+        self,
+        principal: Principal,
+        ref: IntegrationRef,
+        *,
+        rule_id: str | None,
+        token: SecretStr,
+        lease_id: str,
+        ttl_seconds: int,
+        expires_at: str,
+        partner_key_version: str,
+        vendor_key_version: str,
+        stale: bool,
     ) -> Any: ...
 
 
@@ -192,6 +210,12 @@ class BrokerService:
         try:
             partner = await self._read(self._engine.partner_path(ref), Stage.CURRENT)
         except SecretNotFound:
+            if self.desired.get(ref) is not None:  # wanted, but the leader has not provisioned it yet
+                await self._deny(principal, ref, decision, IntegrationPending.code, "desired, no partner key yet")
+                raise IntegrationPending(
+                    f"integration {ref} is being provisioned (no partner key yet); retry",
+                    retry_after_seconds=PENDING_RETRY_AFTER_SECONDS,
+                ) from None
             await self._deny(principal, ref, decision, IntegrationNotFound.code, "no current partner key")
             raise IntegrationNotFound(f"integration {ref} is not provisioned (no current partner key)") from None
         vendor = await self._read(self._engine.vendor_path(ref.vendor_id), None)
@@ -219,21 +243,17 @@ class BrokerService:
         lease_id = new_id()
         stale = partner.stale or vendor.stale
         expires_at = datetime.fromtimestamp(now + ttl, tz=UTC)
-        await self._audit.arecord(
-            "token.issued",
-            "success",
-            principal=principal,
-            ref=ref,
+        await self._audit.atoken_issued(
+            principal,
+            ref,
             rule_id=decision.rule_id,
-            details={
-                "lease_id": lease_id,
-                "ttl_seconds": ttl,
-                "expires_at": expires_at.isoformat(),
-                "partner_key_version": partner.value.version,
-                "vendor_key_version": vendor.value.version,
-                "stale": stale,
-            },
-            secrets={"token": token},
+            token=token,
+            lease_id=lease_id,
+            ttl_seconds=ttl,
+            expires_at=expires_at.isoformat(),
+            partner_key_version=partner.value.version,
+            vendor_key_version=vendor.value.version,
+            stale=stale,
         )
         self._metrics.tokens_issued.labels(stale=str(stale).lower()).inc()
         return IssuedToken(

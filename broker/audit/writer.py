@@ -72,10 +72,13 @@ from broker.audit.records import (
     AuditEvent,
     AuditKey,
     AuditOutcome,
+    PreparedRecord,
     SecretValue,
     checkpoint_body,
     format_ts,
+    prepare_token_issued,
     seal,
+    seal_prepared,
 )
 from broker.errors import AuditUnavailable, ConfigError
 from broker.log import get_logger
@@ -156,7 +159,7 @@ class _LoopBatch(_Request):
         super().__init__("batch", threaded=False)
         self.loop = loop
         self.resolve = self.resolve_members
-        self.bodies: list[dict[str, Any]] = []
+        self.bodies: list[dict[str, Any] | PreparedRecord] = []
         self.futures: list[asyncio.Future[None]] = []
         self.cancelled: set[int] = set()
         self.skipped: frozenset[int] = frozenset()  # cancelled before the writer took the batch
@@ -452,7 +455,46 @@ class AuditLog:
         ``_BATCH_MAX_RECORDS``): one queue entry, one timeout timer, one
         wake-up, and one write and fsync, instead of one hand-over each.
         """
-        body = self._body_for(event)
+        return await self._aenqueue(self._body_for(event))
+
+    async def atoken_issued(
+        self,
+        principal: Principal,
+        ref: IntegrationRef,
+        *,
+        rule_id: str | None,
+        token: SecretValue,
+        lease_id: str,
+        ttl_seconds: int,
+        expires_at: str,
+        partner_key_version: str,
+        vendor_key_version: str,
+        stale: bool,
+    ) -> AuditReceipt:
+        """The ``token.issued`` record, as ``aemit(AuditEvent.token_issued(...))`` writes it, for less CPU.
+
+        The token hot path's record is serialised here, ahead, but for its
+        chain fields (``prepare_token_issued``); the writer fills those in.
+        """
+        bound = structlog.contextvars.get_contextvars().get("request_id")
+        prepared = prepare_token_issued(
+            self._key,
+            principal,
+            ref,
+            rule_id=rule_id,
+            token=token,
+            lease_id=lease_id,
+            ttl_seconds=ttl_seconds,
+            expires_at=expires_at,
+            partner_key_version=partner_key_version,
+            vendor_key_version=vendor_key_version,
+            stale=stale,
+            request_id=bound if isinstance(bound, str) else None,
+        )
+        return await self._aenqueue(prepared)
+
+    async def _aenqueue(self, body: dict[str, Any] | PreparedRecord) -> AuditReceipt:
+        """Add ``body`` to this event loop's batch and wait for its outcome (see ``aemit``)."""
         loop = asyncio.get_running_loop()
         self._check_open()
         batch = self._batches.get(loop)
@@ -749,7 +791,7 @@ class AuditLog:
         if self._notes.pending and error is None:
             self._write_batch([])
 
-    def _seal_record(self, body: Mapping[str, Any], lines: list[bytes]) -> AuditReceipt:
+    def _seal_record(self, body: Mapping[str, Any] | PreparedRecord, lines: list[bytes]) -> AuditReceipt:
         """Seal one caller's record into ``lines`` (and a checkpoint after it when one is due)."""
         line, receipt = self._seal_next(body)
         lines.append(line)
@@ -758,10 +800,13 @@ class AuditLog:
             lines.append(self._seal_checkpoint()[0])
         return receipt
 
-    def _seal_next(self, body: Mapping[str, Any]) -> tuple[bytes, AuditReceipt]:
+    def _seal_next(self, body: Mapping[str, Any] | PreparedRecord) -> tuple[bytes, AuditReceipt]:
         assert self._next_seq is not None
         ts = self._now()
-        line, digest = seal(body, seq=self._next_seq, ts=ts, prev=self._prev)
+        if isinstance(body, PreparedRecord):
+            line, digest = seal_prepared(body, seq=self._next_seq, ts=ts, prev=self._prev)
+        else:
+            line, digest = seal(body, seq=self._next_seq, ts=ts, prev=self._prev)
         receipt = AuditReceipt(self._next_seq, digest, ts)
         self._next_seq += 1
         self._prev = digest

@@ -44,6 +44,9 @@ class NoAudit:
     ) -> None:
         return None
 
+    async def atoken_issued(self, principal: Any, ref: Any, **values: Any) -> None:
+        return None
+
 
 class NoAuditRuntime(_Runtime):
     """``Runtime`` whose service skips the audit; everything else as built by ``Runtime``."""

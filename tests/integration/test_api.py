@@ -19,6 +19,8 @@ import pytest
 from stack_support import REF, VENDOR_KEY, Stack, build_stack
 
 from broker.audit import verify_chain
+from broker.engine.desired import DesiredIntegration
+from broker.models import IntegrationRef
 from broker.testing.jwt import DevIssuer
 from broker.testing.servers import RunningServer, start_moto, start_openbao
 
@@ -91,6 +93,26 @@ class TestIssue:
         response = stack.post_token({"organization_id": "org-fabrikam", "vendor_id": "vendor-acme"})
         assert response.status_code == 404
         assert response.json()["code"] == "INTEGRATION_NOT_FOUND"
+
+    def test_desired_but_not_yet_provisioned_is_503_pending_then_issued(self, stack: Stack) -> None:
+        """A desired pair the leader has not provisioned yet is retryable (503 + Retry-After), not a 404.
+
+        A workload deployed together with its integration must wait for it, not give up: clients retry 503.
+        """
+        pending = IntegrationRef("org-fabrikam", REF.vendor_id)
+        stack.runtime.desired.add(DesiredIntegration(pending))
+        body = {"organization_id": pending.organization_id, "vendor_id": pending.vendor_id}
+        response = stack.post_token(body)
+        assert response.status_code == 503, response.text
+        assert response.json()["code"] == "INTEGRATION_PENDING"
+        assert response.headers["Retry-After"] == "5"
+        records = [json.loads(line) for line in stack.audit_path.read_text().splitlines()]
+        denied = [r for r in records if r["action"] == "token.denied"]
+        assert denied[-1]["organization_id"] == "org-fabrikam"
+        assert denied[-1]["details"]["error_code"] == "INTEGRATION_PENDING"
+
+        assert stack.runtime.engine.provision(DesiredIntegration(pending)).ok  # what the leader's pass does
+        assert stack.post_token(body).status_code == 201
 
     @pytest.mark.parametrize(
         ("headers", "reason"),

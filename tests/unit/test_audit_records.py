@@ -25,7 +25,7 @@ from broker.audit import (
     load_schema,
     record_hash,
 )
-from broker.audit.records import format_ts, seal
+from broker.audit.records import format_ts, prepare_token_issued, seal, seal_prepared
 from broker.errors import ConfigError
 from broker.models import IntegrationRef, Principal
 from broker.settings import AuditSettings
@@ -264,3 +264,51 @@ def test_seal_serialises_once_but_equals_the_reference(body: dict[str, Any], seq
     record["hash"] = record_hash(record)
     assert digest == record["hash"]
     assert line == canonical(record) + b"\n"
+
+
+_IDENTIFIERS = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,20}\Z")
+_TEXT = st.text(max_size=16)  # any text, quotes, backslashes, control characters and non-ASCII included
+
+
+@given(
+    principal=st.builds(
+        Principal,
+        namespace=_TEXT,
+        service_account=_TEXT,
+        pod_name=st.none() | _TEXT,
+        pod_uid=st.none() | _TEXT,
+        issuer=st.none() | _TEXT,
+    ),
+    ref=st.builds(IntegrationRef, _IDENTIFIERS, _IDENTIFIERS),
+    values=st.fixed_dictionaries(
+        {
+            "rule_id": st.none() | _TEXT,
+            "token": _TEXT.map(SecretStr),
+            "lease_id": _TEXT,
+            "ttl_seconds": st.integers(0, 2**31),
+            "partner_key_version": _TEXT,
+            "vendor_key_version": _TEXT,
+            "stale": st.booleans(),
+        }
+    ),
+    expires_at=_TEXT,
+    request_id=st.none() | _TEXT,
+    seq=st.integers(0, 2**40),
+    prev=st.text("0123456789abcdef", min_size=64, max_size=64),
+)
+def test_prepared_token_issued_seals_like_the_event(
+    principal: Principal,
+    ref: IntegrationRef,
+    values: dict[str, Any],
+    expires_at: str,
+    request_id: str | None,
+    seq: int,
+    prev: str,
+) -> None:
+    """The hot path's prepared token.issued record is the generic record, byte for byte, hash included."""
+    key = AuditKey(b"k" * 32)
+    ts = format_ts(NOW)
+    event = AuditEvent.token_issued(principal, ref, request_id=request_id, details={"expires_at": expires_at}, **values)
+    expected = seal(event.body(key), seq=seq, ts=ts, prev=prev)
+    prepared = prepare_token_issued(key, principal, ref, expires_at=expires_at, request_id=request_id, **values)
+    assert seal_prepared(prepared, seq=seq, ts=ts, prev=prev) == expected
