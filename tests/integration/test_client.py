@@ -21,6 +21,7 @@ from stack_support import REF, Stack, build_stack
 
 from broker.client import AsyncBrokerClient, BrokerClient, BrokerClientError
 from broker.engine.desired import DesiredIntegration
+from broker.models import IntegrationRef
 from broker.testing.jwt import DevIssuer
 from broker.testing.servers import free_port
 
@@ -82,6 +83,35 @@ class TestTokenCommand:
         assert token not in result.stdout + result.stderr
         assert "partner key version" in result.stdout
         assert sorted(p.name for p in out.parent.iterdir()) == ["token", "token.json"]  # no temp files left
+
+    def test_waits_for_an_integration_being_provisioned(self, stack: Stack, issuer: DevIssuer, tmp_path: Path) -> None:
+        """Deployed with its integration, the init container gets 503 INTEGRATION_PENDING, retries, then succeeds."""
+        pending = IntegrationRef("org-fabrikam", REF.vendor_id)
+        stack.runtime.desired.add(DesiredIntegration(pending))
+        out = tmp_path / "token"
+        argv = ["--org", pending.organization_id, "--vendor", pending.vendor_id, "--out", str(out)]
+        argv += ["--broker-url", stack.broker.url, "--sa-token-file", str(sa_token_file(tmp_path, issuer))]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "broker", "token", *argv, "--deadline-seconds", "120"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            registry = stack.runtime.metrics.registry
+            deadline = time.monotonic() + 60
+            while not registry.get_sample_value("broker_tokens_denied_total", {"code": "INTEGRATION_PENDING"}):
+                assert process.poll() is None, process.communicate()
+                assert time.monotonic() < deadline, "the client never asked"
+                time.sleep(0.05)
+            assert stack.runtime.engine.provision(DesiredIntegration(pending)).ok  # the leader's pass, in effect
+            _, stderr = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        assert process.returncode == 0, stderr
+        assert base64.b64decode(out.read_text()).decode().startswith("acme-vendor-key-dev:")
 
     def test_denied_fails_at_once_with_the_code(self, stack: Stack, issuer: DevIssuer, tmp_path: Path) -> None:
         """A policy denial is not retried: exit 1 at once with POLICY_DENIED."""
