@@ -57,6 +57,15 @@ class TestRecording:
         assert [r.seq for r in receipts] == [0, 1, 2]
         assert [(w["seq"], w["hash"]) for w in written[:3]] == [(r.seq, r.hash) for r in receipts]
 
+    def test_the_writer_thread_alone_runs_under_sched_batch(self, tmp_path: Path) -> None:
+        """The writer's wake-ups do not preempt running threads; the caller's scheduling is untouched."""
+        with AuditLog(settings(tmp_path / "audit.jsonl")) as log:
+            step(log, 0)
+            writer = log._thread
+            assert writer is not None and writer.native_id is not None
+            assert os.sched_getscheduler(writer.native_id) == os.SCHED_BATCH
+            assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER
+
     def test_missing_sink_is_a_config_error(self) -> None:
         """With neither a file nor stdout there is nowhere to audit, so the log refuses to exist."""
         with pytest.raises(ConfigError, match="sink"):
