@@ -10,9 +10,10 @@ and only then acknowledges them. "Written" depends on ``fsync``:
   acknowledged is lost even to a power cut;
 - ``interval`` (the default): written to the file, so in the kernel's page
   cache, where a crash or kill of the broker cannot lose it; the writer
-  fsyncs within ``fsync_interval_ms`` after, without holding anybody up
-  (like auditd's default ``INCREMENTAL_ASYNC`` flush; Vault's file audit
-  device never fsyncs). A power cut or kernel crash can lose that much;
+  fsyncs within ``fsync_interval_ms`` after, on a thread of its own, so a
+  slow disk holds up no write (like auditd's default ``INCREMENTAL_ASYNC``
+  flush; Vault's file audit device never fsyncs). A power cut or kernel
+  crash can lose that much;
 - ``never``: the kernel writes back when it likes.
 
 A failed background fsync counts as a failed write: the log reports it
@@ -230,6 +231,45 @@ class _Notes:
         }
 
 
+class _Syncer:
+    """The ``fsync: interval`` fsyncs, on a thread of their own: a slow disk never holds up a write.
+
+    It fsyncs a duplicate of the writer's descriptor (the writer may close or
+    rotate its own meanwhile), one at a time. A failure is reported through
+    ``on_error`` at once (unhealthy, counted) and left in ``error`` for the
+    writer's next ``audit.recovered`` record.
+    """
+
+    def __init__(self, on_error: Callable[[str], None]) -> None:
+        self._on_error = on_error
+        self._fds: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self.busy = False
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="audit-fsync", daemon=True)
+        self._thread.start()
+
+    def submit(self, fd: int) -> None:
+        duplicate = os.dup(fd)
+        self.busy = True
+        self._fds.put(duplicate)
+
+    def stop(self, timeout_seconds: float) -> None:
+        self._fds.put(None)
+        self._thread.join(timeout_seconds)
+
+    def _run(self) -> None:
+        _no_wakeup_preemption()
+        while (fd := self._fds.get()) is not None:
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                self.error = _errname(exc)
+                self._on_error(self.error)
+            finally:
+                os.close(fd)
+                self.busy = False
+
+
 class TailCorrupt(Exception):
     """The last complete line of an audit file is not a record this log can continue from."""
 
@@ -364,6 +404,7 @@ class AuditLog:
         self._notes = _Notes()
         self._healthy = True
         self._unsynced_since: float | None = None  # monotonic time of the first write not yet fsynced
+        self._syncer: _Syncer | None = None  # fsync: interval, started with the first sync
 
     # -- public API ---------------------------------------------------------------
 
@@ -657,7 +698,7 @@ class AuditLog:
                 self._fail(batch, "internal", exc)
             if self._sync_wait() == 0:
                 self._sync()
-        self._sync()
+        self._final_sync()
         self._close_file()
         self._release_lock()
 
@@ -669,20 +710,48 @@ class AuditLog:
         return max(0.0, due - time.monotonic())
 
     def _sync(self) -> None:
-        """fsync what was written but not yet synced; a failure is a failed write (reported, unhealthy)."""
+        """Have the syncer fsync what was written but not yet synced (``fsync: interval``)."""
         if self._unsynced_since is None:
             return
-        self._unsynced_since = None
         if self._fd is None:
+            self._unsynced_since = None
             return
+        if self._syncer is None:
+            self._syncer = _Syncer(self._sync_failed)
+        if self._syncer.busy:  # the last fsync is still running: try again an interval from now
+            self._unsynced_since = time.monotonic()
+            return
+        self._unsynced_since = None
+        try:
+            self._syncer.submit(self._fd)
+        except OSError as exc:  # could not duplicate the descriptor
+            self._sync_failed(_errname(exc))
+            self._syncer.error = _errname(exc)
+
+    def _sync_failed(self, error: str) -> None:
+        """An fsync failed (on the syncer's thread or the writer's): unhealthy and counted at once."""
+        self._healthy = False
+        self._metrics.audit_failures.labels(reason="fsync").inc()
+        _log.warning("audit_write_failed", reason="fsync", error=error)
+
+    def _note_sync_failure(self) -> None:
+        """Writer thread: a failed fsync becomes part of the next ``audit.recovered`` record."""
+        if self._syncer is not None and self._syncer.error is not None:
+            error, self._syncer.error = self._syncer.error, None
+            self._notes.failed(f"fsync: {error}", self._now())
+            self._close_file()
+
+    def _final_sync(self) -> None:
+        """On close: wait for the syncer, then fsync what is left, on this thread."""
+        if self._syncer is not None:
+            self._syncer.stop(timeout_seconds=5.0)
+        if self._unsynced_since is None or self._fd is None:
+            return
+        self._unsynced_since = None
         try:
             os.fsync(self._fd)
         except OSError as exc:
-            self._healthy = False
-            self._metrics.audit_failures.labels(reason="fsync").inc()
-            self._notes.failed(f"fsync: {_errname(exc)}", self._now())
-            _log.warning("audit_write_failed", reason="fsync", error=_errname(exc))
-            self._close_file()
+            self._sync_failed(_errname(exc))
 
     def _drain(self, batch: list[_Request]) -> None:
         """Add whatever else is queued (up to a batch), noting a stop request."""
@@ -708,6 +777,7 @@ class AuditLog:
         return f"{self._ts_prefix}{micros:06d}Z"
 
     def _write_batch(self, requests: list[_Request]) -> None:
+        self._note_sync_failure()
         if not requests and not self._notes.pending:
             return
         if self._next_seq is None and all(r.kind == "final" for r in requests):

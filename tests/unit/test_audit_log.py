@@ -186,7 +186,9 @@ class TestSinks:
 class FsyncSpy:
     """Wraps the real ``os.fsync``: notes when each call on the audit file happens, and can fail the first ones."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fail: int = 0) -> None:
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fail: int = 0, hold: threading.Event | None = None
+    ) -> None:
         self.path = path = tmp_path / "audit.jsonl"
         path.touch()
         self.fail = fail
@@ -198,6 +200,8 @@ class FsyncSpy:
             if os.path.samestat(os.fstat(fd), os.stat(self.path)):
                 self.calls.append(time.monotonic())
                 self.called.set()
+                if hold is not None:  # a disk that takes its time
+                    assert hold.wait(30)
                 if self.fail > 0:
                     self.fail -= 1
                     raise OSError(errno.EIO, "injected I/O error")
@@ -252,6 +256,19 @@ class TestFsync:
                 step(log, i)
             assert spy.calls == []
         assert len(spy.calls) == 1
+
+    def test_a_slow_fsync_holds_up_no_write(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """While the interval's fsync is stuck on the disk, records are still written and acknowledged."""
+        release = threading.Event()
+        spy = FsyncSpy(monkeypatch, tmp_path, hold=release)
+        with AuditLog(settings(spy.path, fsync="interval", fsync_interval_ms=10, write_timeout_ms=2000)) as log:
+            step(log, 0)
+            assert spy.called.wait(5)  # the fsync has started, and hangs
+            receipts = [step(log, i) for i in range(1, 6)]
+            assert receipts == [1, 2, 3, 4, 5] and log.healthy
+            assert len(spy.calls) == 1  # one fsync at a time
+            release.set()
+        assert verify_chain([spy.path], key=KEY).ok
 
     def test_never_leaves_it_to_the_kernel(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         spy = FsyncSpy(monkeypatch, tmp_path)
