@@ -7,7 +7,7 @@ loopback ports; the simulator's seed has 5,000 organizations allowing one
 vendor, and every OEM and Vendor API call gets 20 ms of added latency (the
 simulator's ``latency_ms`` fault). Each N runs in its own engine process
 (``--worker``): the broker's Engine with the real HTTP OEM client, the
-OpenBao store and an audit file (fsync on), as ``broker serve`` wires it,
+OpenBao store and an audit file (default ``audit.fsync``), as ``broker serve`` wires it,
 provisions N integrations nobody has provisioned yet (fresh store paths per
 run) with ``Engine.reconcile_all(concurrency=C)``. Every saga is complete:
 intent, OEM create, key write, pending, Vendor API probe, promote, close.
@@ -162,7 +162,7 @@ def main() -> int:
         seed_vendor_key(vault, vendor_path, VENDOR_KEY)
         print(
             f"simulator: {ORGANIZATIONS} organizations, +{LATENCY_MS} ms on every OEM / Vendor API call; "
-            f"engine: reconcile_all(concurrency={args.concurrency}), audit file with fsync; OpenBao dev server",
+            f"engine: reconcile_all(concurrency={args.concurrency}), audit file (default fsync); OpenBao dev server",
             flush=True,
         )
         for run, n in enumerate(sizes):
