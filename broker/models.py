@@ -127,6 +127,20 @@ class Principal:
 
 
 @dataclass(frozen=True, slots=True)
+class IssuedToken:
+    """An MSPC_TOKEN and its lineage."""
+
+    token: SecretStr
+    expires_at: datetime
+    ttl_seconds: int
+    lease_id: str
+    partner_key_version: str
+    vendor_key_version: str
+    stale: bool
+    rule_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """A policy decision and why it was taken."""
 

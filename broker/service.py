@@ -13,7 +13,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -32,7 +31,7 @@ from broker.errors import (
 )
 from broker.log import get_logger
 from broker.metrics import Metrics
-from broker.models import Decision, IntegrationRef, Principal, Stage
+from broker.models import Decision, IntegrationRef, IssuedToken, Principal, Stage
 from broker.mspc_token import compose
 from broker.settings import Settings
 from broker.stores.caching import CachedRead, CachingStore
@@ -102,34 +101,7 @@ class AuditPort(Protocol):
         secrets: Mapping[str, SecretStr] | None = None,
     ) -> Any: ...
 
-    async def atoken_issued(
-        self,
-        principal: Principal,
-        ref: IntegrationRef,
-        *,
-        rule_id: str | None,
-        token: SecretStr,
-        lease_id: str,
-        ttl_seconds: int,
-        expires_at: str,
-        partner_key_version: str,
-        vendor_key_version: str,
-        stale: bool,
-    ) -> Any: ...
-
-
-@dataclass(frozen=True, slots=True)
-class IssuedToken:
-    """An MSPC_TOKEN and its lineage."""
-
-    token: SecretStr
-    expires_at: datetime
-    ttl_seconds: int
-    lease_id: str
-    partner_key_version: str
-    vendor_key_version: str
-    stale: bool
-    rule_id: str | None
+    async def atoken_issued(self, principal: Principal, ref: IntegrationRef, issued: IssuedToken) -> Any: ...
 
 
 class BrokerService:
@@ -240,32 +212,19 @@ class BrokerService:
             )
 
         token = compose(self._engine.vendor_secret(vendor.value), partner.value.field("partner_api_key"))
-        lease_id = new_id()
-        stale = partner.stale or vendor.stale
-        expires_at = datetime.fromtimestamp(now + ttl, tz=UTC)
-        await self._audit.atoken_issued(
-            principal,
-            ref,
-            rule_id=decision.rule_id,
+        issued = IssuedToken(
             token=token,
-            lease_id=lease_id,
+            expires_at=datetime.fromtimestamp(now + ttl, tz=UTC),
             ttl_seconds=ttl,
-            expires_at=expires_at.isoformat(),
+            lease_id=new_id(),
             partner_key_version=partner.value.version,
             vendor_key_version=vendor.value.version,
-            stale=stale,
-        )
-        self._metrics.tokens_issued.labels(stale=str(stale).lower()).inc()
-        return IssuedToken(
-            token=token,
-            expires_at=expires_at,
-            ttl_seconds=ttl,
-            lease_id=lease_id,
-            partner_key_version=partner.value.version,
-            vendor_key_version=vendor.value.version,
-            stale=stale,
+            stale=partner.stale or vendor.stale,
             rule_id=decision.rule_id,
         )
+        await self._audit.atoken_issued(principal, ref, issued)  # fail closed: no record, no token
+        self._metrics.tokens_issued.labels(stale=str(issued.stale).lower()).inc()
+        return issued
 
     async def _deny(self, principal: Principal, ref: IntegrationRef, decision: Decision, code: str, why: str) -> None:
         self._metrics.tokens_denied.labels(code=code).inc()

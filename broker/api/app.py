@@ -31,8 +31,8 @@ from broker.engine.desired import DesiredIntegration
 from broker.errors import BrokerError, InvalidIdentifier, InvalidInput
 from broker.log import get_logger
 from broker.metrics import Metrics
-from broker.models import IDENTIFIER_REGEX, IntegrationRef, Principal
-from broker.service import BrokerService, IssuedToken, new_id
+from broker.models import IDENTIFIER_REGEX, IntegrationRef, IssuedToken, Principal
+from broker.service import BrokerService, new_id
 
 log = get_logger("api")
 

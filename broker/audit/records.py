@@ -35,7 +35,7 @@ from typing import Any, TypeAlias
 from pydantic import SecretBytes, SecretStr
 
 from broker.errors import ConfigError
-from broker.models import IntegrationRef, Principal, validate_identifier
+from broker.models import IntegrationRef, IssuedToken, Principal, validate_identifier
 from broker.settings import AuditSettings
 
 SCHEMA_VERSION = 1
@@ -470,36 +470,25 @@ def _json(value: Any) -> bytes:
 
 
 def prepare_token_issued(
-    key: AuditKey,
-    principal: Principal,
-    ref: IntegrationRef,
-    *,
-    rule_id: str | None,
-    token: SecretValue,
-    lease_id: str,
-    ttl_seconds: int,
-    expires_at: str,
-    partner_key_version: str,
-    vendor_key_version: str,
-    stale: bool,
-    request_id: str | None,
+    key: AuditKey, principal: Principal, ref: IntegrationRef, issued: IssuedToken, *, request_id: str | None
 ) -> PreparedRecord:
-    """The ``token.issued`` record, serialised ahead, for the token hot path.
+    """The ``token.issued`` record of ``issued``, serialised ahead, for the token hot path.
 
     ``seal_prepared`` of it is byte for byte ``seal`` of the body of
-    ``AuditEvent.token_issued`` with the same values and ``details={"expires_at": ...}``
-    (a property test holds them equal). It skips the event object, the
-    generic checks (its field names are fixed here) and half of the
-    serialisation, which the writer would otherwise do for every token.
+    ``AuditEvent.token_issued`` with the same values and
+    ``details={"expires_at": <ISO 8601>}`` (a property test holds them
+    equal). It skips the event object, the generic checks (its field names
+    are fixed here) and half of the serialisation, which the writer would
+    otherwise do for every token.
     """
     details = {
-        "expires_at": expires_at,
-        "lease_id": lease_id,
-        "partner_key_version": partner_key_version,
-        "stale": stale,
-        "token_hmac": key.hmac_hex(token),
-        "ttl_seconds": ttl_seconds,
-        "vendor_key_version": vendor_key_version,
+        "expires_at": issued.expires_at.isoformat(),
+        "lease_id": issued.lease_id,
+        "partner_key_version": issued.partner_key_version,
+        "stale": issued.stale,
+        "token_hmac": key.hmac_hex(issued.token),
+        "ttl_seconds": issued.ttl_seconds,
+        "vendor_key_version": issued.vendor_key_version,
     }
     principal_view = {
         "issuer": principal.issuer,
@@ -512,7 +501,7 @@ def prepare_token_issued(
         head=b'{"action":"token.issued","details":%s,' % canonical(details),
         to_prev=b'"organization_id":%s,"outcome":"success","prev":"' % _json(ref.organization_id),
         to_seq=b'","principal":%s,"reason":null,"request_id":%s,"rule_id":%s,"seq":'
-        % (canonical(principal_view), _json(request_id), _json(rule_id)),
+        % (canonical(principal_view), _json(request_id), _json(issued.rule_id)),
         to_ts=b',"subject":%s,"ts":"' % _json(principal.subject),
         rest=b'","v":%d,"vendor_id":%s}' % (SCHEMA_VERSION, _json(ref.vendor_id)),
     )

@@ -84,7 +84,7 @@ from broker.audit.records import (
 from broker.errors import AuditUnavailable, ConfigError
 from broker.log import get_logger
 from broker.metrics import Metrics
-from broker.models import IntegrationRef, Principal
+from broker.models import IntegrationRef, IssuedToken, Principal
 from broker.settings import AuditSettings
 
 _TAIL_CHUNK_BYTES = 64 * 1024
@@ -515,40 +515,15 @@ class AuditLog:
         """
         return await self._aenqueue(self._body_for(event))
 
-    async def atoken_issued(
-        self,
-        principal: Principal,
-        ref: IntegrationRef,
-        *,
-        rule_id: str | None,
-        token: SecretValue,
-        lease_id: str,
-        ttl_seconds: int,
-        expires_at: str,
-        partner_key_version: str,
-        vendor_key_version: str,
-        stale: bool,
-    ) -> AuditReceipt:
+    async def atoken_issued(self, principal: Principal, ref: IntegrationRef, issued: IssuedToken) -> AuditReceipt:
         """The ``token.issued`` record, as ``aemit(AuditEvent.token_issued(...))`` writes it, for less CPU.
 
         The token hot path's record is serialised here, ahead, but for its
         chain fields (``prepare_token_issued``); the writer fills those in.
         """
         bound = structlog.contextvars.get_contextvars().get("request_id")
-        prepared = prepare_token_issued(
-            self._key,
-            principal,
-            ref,
-            rule_id=rule_id,
-            token=token,
-            lease_id=lease_id,
-            ttl_seconds=ttl_seconds,
-            expires_at=expires_at,
-            partner_key_version=partner_key_version,
-            vendor_key_version=vendor_key_version,
-            stale=stale,
-            request_id=bound if isinstance(bound, str) else None,
-        )
+        request_id = bound if isinstance(bound, str) else None
+        prepared = prepare_token_issued(self._key, principal, ref, issued, request_id=request_id)
         return await self._aenqueue(prepared)
 
     async def _aenqueue(self, body: dict[str, Any] | PreparedRecord) -> AuditReceipt:

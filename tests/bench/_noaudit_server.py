@@ -44,7 +44,7 @@ class NoAudit:
     ) -> None:
         return None
 
-    async def atoken_issued(self, principal: Any, ref: Any, **values: Any) -> None:
+    async def atoken_issued(self, principal: Any, ref: Any, issued: Any) -> None:
         return None
 
 

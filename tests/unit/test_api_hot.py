@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pydantic import SecretStr, ValidationError
 
 from broker.api.app import TokenRequest, TokenResponse, _token_request, token_response_json
-from broker.service import IssuedToken
+from broker.models import IssuedToken
 
 JSON = b"application/json"
 

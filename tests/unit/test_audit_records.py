@@ -27,7 +27,7 @@ from broker.audit import (
 )
 from broker.audit.records import format_ts, prepare_token_issued, seal, seal_prepared
 from broker.errors import ConfigError
-from broker.models import IntegrationRef, Principal
+from broker.models import IntegrationRef, IssuedToken, Principal
 from broker.settings import AuditSettings
 
 PRINCIPAL = Principal("payments", "invoicer", pod_name="invoicer-7d9f", pod_uid="uid-1", issuer="https://k8s")
@@ -280,18 +280,17 @@ _TEXT = st.text(max_size=16)  # any text, quotes, backslashes, control character
         issuer=st.none() | _TEXT,
     ),
     ref=st.builds(IntegrationRef, _IDENTIFIERS, _IDENTIFIERS),
-    values=st.fixed_dictionaries(
-        {
-            "rule_id": st.none() | _TEXT,
-            "token": _TEXT.map(SecretStr),
-            "lease_id": _TEXT,
-            "ttl_seconds": st.integers(0, 2**31),
-            "partner_key_version": _TEXT,
-            "vendor_key_version": _TEXT,
-            "stale": st.booleans(),
-        }
+    issued=st.builds(
+        IssuedToken,
+        token=_TEXT.map(SecretStr),
+        expires_at=st.datetimes(timezones=st.just(UTC) | st.none()),
+        ttl_seconds=st.integers(0, 2**31),
+        lease_id=_TEXT,
+        partner_key_version=_TEXT,
+        vendor_key_version=_TEXT,
+        stale=st.booleans(),
+        rule_id=st.none() | _TEXT,
     ),
-    expires_at=_TEXT,
     request_id=st.none() | _TEXT,
     seq=st.integers(0, 2**40),
     prev=st.text("0123456789abcdef", min_size=64, max_size=64),
@@ -299,8 +298,7 @@ _TEXT = st.text(max_size=16)  # any text, quotes, backslashes, control character
 def test_prepared_token_issued_seals_like_the_event(
     principal: Principal,
     ref: IntegrationRef,
-    values: dict[str, Any],
-    expires_at: str,
+    issued: IssuedToken,
     request_id: str | None,
     seq: int,
     prev: str,
@@ -308,7 +306,19 @@ def test_prepared_token_issued_seals_like_the_event(
     """The hot path's prepared token.issued record is the generic record, byte for byte, hash included."""
     key = AuditKey(b"k" * 32)
     ts = format_ts(NOW)
-    event = AuditEvent.token_issued(principal, ref, request_id=request_id, details={"expires_at": expires_at}, **values)
+    event = AuditEvent.token_issued(
+        principal,
+        ref,
+        rule_id=issued.rule_id,
+        token=issued.token,
+        vendor_key_version=issued.vendor_key_version,
+        partner_key_version=issued.partner_key_version,
+        lease_id=issued.lease_id,
+        ttl_seconds=issued.ttl_seconds,
+        stale=issued.stale,
+        request_id=request_id,
+        details={"expires_at": issued.expires_at.isoformat()},
+    )
     expected = seal(event.body(key), seq=seq, ts=ts, prev=prev)
-    prepared = prepare_token_issued(key, principal, ref, expires_at=expires_at, request_id=request_id, **values)
+    prepared = prepare_token_issued(key, principal, ref, issued, request_id=request_id)
     assert seal_prepared(prepared, seq=seq, ts=ts, prev=prev) == expected
