@@ -270,6 +270,17 @@ def _check_names(details: tuple[str, ...], secrets: tuple[str, ...]) -> None:
             raise ValueError(f"details already has {name}_hmac")
 
 
+def _principal_view(principal: Principal) -> dict[str, str | None]:
+    """A record's ``principal`` member."""
+    return {
+        "namespace": principal.namespace,
+        "service_account": principal.service_account,
+        "pod_name": principal.pod_name,
+        "pod_uid": principal.pod_uid,
+        "issuer": principal.issuer,
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
     """One event to record, before the log gives it a place in the chain.
@@ -338,17 +349,7 @@ class AuditEvent:
             "action": self.action.value,
             "outcome": self.outcome.value,
             "subject": p.subject if p else None,
-            "principal": (
-                {
-                    "namespace": p.namespace,
-                    "service_account": p.service_account,
-                    "pod_name": p.pod_name,
-                    "pod_uid": p.pod_uid,
-                    "issuer": p.issuer,
-                }
-                if p
-                else None
-            ),
+            "principal": _principal_view(p) if p else None,
             "organization_id": self.ref.organization_id if self.ref else None,
             "vendor_id": self.vendor_id,
             "rule_id": self.rule_id,
@@ -490,18 +491,11 @@ def prepare_token_issued(
         "ttl_seconds": issued.ttl_seconds,
         "vendor_key_version": issued.vendor_key_version,
     }
-    principal_view = {
-        "issuer": principal.issuer,
-        "namespace": principal.namespace,
-        "pod_name": principal.pod_name,
-        "pod_uid": principal.pod_uid,
-        "service_account": principal.service_account,
-    }
     return PreparedRecord(
         head=b'{"action":"token.issued","details":%s,' % canonical(details),
         to_prev=b'"organization_id":%s,"outcome":"success","prev":"' % _json(ref.organization_id),
         to_seq=b'","principal":%s,"reason":null,"request_id":%s,"rule_id":%s,"seq":'
-        % (canonical(principal_view), _json(request_id), _json(issued.rule_id)),
+        % (canonical(_principal_view(principal)), _json(request_id), _json(issued.rule_id)),
         to_ts=b',"subject":%s,"ts":"' % _json(principal.subject),
         rest=b'","v":%d,"vendor_id":%s}' % (SCHEMA_VERSION, _json(ref.vendor_id)),
     )
@@ -511,8 +505,8 @@ def seal_prepared(record: PreparedRecord, *, seq: int, ts: str, prev: str) -> tu
     """``seal`` for a ``PreparedRecord``: (the line to write, its hash)."""
     r = record
     tail = b"%s%s%s%d%s%s%s" % (r.to_prev, prev.encode(), r.to_seq, seq, r.to_ts, ts.encode(), r.rest)
-    digest = hashlib.sha256(record.head + tail).hexdigest()
-    return b'%s"hash":"%s",%s\n' % (record.head, digest.encode(), tail), digest
+    digest = hashlib.sha256(r.head + tail).hexdigest()
+    return b'%s"hash":"%s",%s\n' % (r.head, digest.encode(), tail), digest
 
 
 def checkpoint_body(key: AuditKey, *, seq: int, ts: str, prev: str) -> dict[str, Any]:

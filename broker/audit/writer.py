@@ -295,6 +295,12 @@ def _no_wakeup_preemption() -> None:
             os.sched_setscheduler(0, policy, os.sched_param(0))
 
 
+def _bound_request_id() -> str | None:
+    """The request id bound in structlog's context (by the API's log middleware), if any."""
+    bound = structlog.contextvars.get_contextvars().get("request_id")
+    return bound if isinstance(bound, str) else None
+
+
 def _resolve_all(resolvers: list[Callable[[], None]]) -> None:
     for resolve in resolvers:
         resolve()
@@ -521,9 +527,7 @@ class AuditLog:
         The token hot path's record is serialised here, ahead, but for its
         chain fields (``prepare_token_issued``); the writer fills those in.
         """
-        bound = structlog.contextvars.get_contextvars().get("request_id")
-        request_id = bound if isinstance(bound, str) else None
-        prepared = prepare_token_issued(self._key, principal, ref, issued, request_id=request_id)
+        prepared = prepare_token_issued(self._key, principal, ref, issued, request_id=_bound_request_id())
         return await self._aenqueue(prepared)
 
     async def _aenqueue(self, body: dict[str, Any] | PreparedRecord) -> AuditReceipt:
@@ -584,8 +588,7 @@ class AuditLog:
             raise ValueError(f"{event.action} records are written by the audit log itself")
         body = event.body(self._key)
         if body["request_id"] is None:
-            bound = structlog.contextvars.get_contextvars().get("request_id")
-            body["request_id"] = bound if isinstance(bound, str) else None
+            body["request_id"] = _bound_request_id()
         return body
 
     def _request_for(self, event: AuditEvent) -> _Request:
