@@ -397,7 +397,7 @@ def serve_cmd(ctx: click.Context, worker_index: int | None, listen_fd: int | Non
     """Run the broker: HTTP API, reconcile loop, policy reload, audit trail.
 
     With ``server.workers`` > 1 this process supervises that many workers
-    sharing one listener (see ``broker.api.workers``).
+    on the one port (see ``broker.api.workers``).
     """
     import socket
 

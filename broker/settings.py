@@ -228,10 +228,10 @@ class AuditSettings(_Group):
     @classmethod
     def _fsync_bool(cls, value: Any) -> Any:
         """Before ``fsync`` had modes it was a bool: true meant always, false never."""
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
         if isinstance(value, bool):
             return "always" if value else "never"
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return "always" if value.strip().lower() == "true" else "never"
         return value
 
     file_path: Path | None = Field(Path("audit/audit.jsonl"), description="Audit file; unset = no file sink.")
@@ -347,7 +347,7 @@ class ServerSettings(_Group):
         1,
         ge=1,
         le=64,
-        description="Worker processes sharing the listener (one Python process uses one core): each a whole "
+        description="Worker processes on the one port (one Python process uses one core): each a whole "
         "broker with its own cache and its own audit chain (worker N writes <audit dir>/worker-N/); metrics are "
         "added up across workers. Set to the pod's CPU limit.",
     )

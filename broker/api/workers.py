@@ -73,14 +73,25 @@ def worker_settings(settings: Settings, index: int) -> Settings:
     return settings.model_copy(update={"audit": audit})
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A worker's listening socket, one of the ``SO_REUSEPORT`` group on the port (inheritable: it passes by number)."""
+def _bound(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (``SO_REUSEADDR``, and ``SO_REUSEPORT`` if asked), not listening."""
     info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(info[0], socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(info[4])
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A worker's listening socket, one of the ``SO_REUSEPORT`` group on the port (inheritable: it passes by number)."""
+    sock = _bound(host, port, reuse_port=True)
+    try:
         sock.listen(2048)
     except BaseException:
         sock.close()
@@ -96,10 +107,7 @@ def claim_port(host: str, port: int) -> int:
     even another broker's ``SO_REUSEPORT`` group, makes it fail: two brokers
     never silently share a port.
     """
-    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    with socket.socket(info[0], socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind(info[4])
+    with _bound(host, port, reuse_port=False) as probe:
         return int(probe.getsockname()[1])
 
 
