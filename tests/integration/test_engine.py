@@ -367,7 +367,9 @@ class TestOemTrouble:
         self, harness: Callable[..., Harness], broker_config: Callable[..., dict[str, Any]], sim: Any
     ) -> None:
         """An OEM that keeps failing gives a coded failure, no key, no open intent; the next run succeeds."""
-        h = harness(broker_config(oem={"deadline_seconds": 1.0, "max_attempts": 3}))
+        # Bounded by the attempts, not the deadline: a deadline that ran out mid-request would make the
+        # outcome unknown (OEM_OUTCOME_UNKNOWN), which a slow machine did once with a 1 s deadline.
+        h = harness(broker_config(oem={"deadline_seconds": 30.0, "max_attempts": 3}))
         sim.set_faults([{"error_rate": 1.0, "endpoint": "integration.create"}])
         outcome = h.engine.reconcile_one(DesiredIntegration(REF))
         assert not outcome.ok and outcome.code == "OEM_UNAVAILABLE"
