@@ -29,6 +29,7 @@ from broker.api.errors import problem, problem_for
 from broker.engine.core import IntegrationStatus, Outcome
 from broker.engine.desired import DesiredIntegration
 from broker.errors import BrokerError, InvalidIdentifier, InvalidInput
+from broker.jsonenc import encoder
 from broker.log import get_logger
 from broker.metrics import Metrics
 from broker.models import IDENTIFIER_REGEX, IntegrationRef, IssuedToken, Principal
@@ -311,6 +312,8 @@ def _internal_error() -> Response:
 _TOKEN_FIELDS = frozenset({"organization_id", "vendor_id", "min_ttl_seconds"})
 _IDENTIFIER = re.compile(IDENTIFIER_REGEX)
 _HOT_BODY_BYTES = 16 * 1024  # a token request is ~100 bytes; bigger bodies take the FastAPI route
+_DECODE = json.JSONDecoder().decode
+_ENCODE_RESPONSE = encoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)  # built once
 
 
 def _token_request(content_type: bytes | None, raw: bytes) -> tuple[str, str, int] | None:
@@ -326,7 +329,7 @@ def _token_request(content_type: bytes | None, raw: bytes) -> tuple[str, str, in
     if content_type != b"application/json" and not content_type.startswith(b"application/json;"):
         return None
     try:
-        body = json.loads(raw)
+        body = _DECODE(raw.decode())  # UTF-8 (anything else, a BOM included, is left to FastAPI)
     except ValueError:
         return None
     if type(body) is not dict or not body.keys() <= _TOKEN_FIELDS:
@@ -347,7 +350,7 @@ def _iso_z(moment: datetime) -> str:
 
 def token_response_json(issued: IssuedToken) -> bytes:
     """The ``TokenResponse`` JSON of an issued token: the bytes FastAPI's route produces (a test holds them equal)."""
-    return json.dumps(
+    return _ENCODE_RESPONSE(
         {
             "token": issued.token.get_secret_value(),
             "token_type": "Bearer",
@@ -357,9 +360,7 @@ def token_response_json(issued: IssuedToken) -> bytes:
             "partner_key_version": issued.partner_key_version,
             "vendor_key_version": issued.vendor_key_version,
             "stale": issued.stale,
-        },
-        separators=(",", ":"),
-        ensure_ascii=False,
+        }
     ).encode()
 
 

@@ -35,6 +35,7 @@ from typing import Any, TypeAlias
 from pydantic import SecretBytes, SecretStr
 
 from broker.errors import ConfigError
+from broker.jsonenc import encoder
 from broker.models import IntegrationRef, IssuedToken, Principal, validate_identifier
 from broker.settings import AuditSettings
 
@@ -107,25 +108,15 @@ _SECRET_NAME = re.compile(r"(secret|token|password|passwd|authorization|api_?key
 _DESCRIBES = re.compile(r"(_version|_versions|_hash|_hmac|_id|_ids|_path|_seconds|_type|_count|_stage|_at)$")
 
 
-def _not_json(value: object) -> Any:
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-# The encoder json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-# builds on every call, built once (a test holds the output equal to json.dumps). Records are trees of
-# JSON values, so it keeps no circular-reference bookkeeping (markers None).
-_C_MAKE_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)
+# json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False), its encoder
+# built once. Records are trees of JSON values: no circular-reference bookkeeping.
+_ENCODE = encoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False)
 _ENCODE_STRING = json.encoder.encode_basestring
-_ENCODE: Any = (
-    _C_MAKE_ENCODER(None, _not_json, _ENCODE_STRING, None, ":", ",", True, False, False)
-    if _C_MAKE_ENCODER is not None
-    else json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).iterencode
-)
 
 
 def canonical(obj: Mapping[str, Any]) -> bytes:
     """The canonical serialisation hashed and written: sorted keys, no spaces, UTF-8."""
-    return "".join(_ENCODE(obj, 0)).encode()
+    return _ENCODE(obj).encode()
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -467,7 +458,7 @@ def _json(value: Any) -> bytes:
         return _ENCODE_STRING(value).encode()
     if value is None:
         return b"null"
-    return "".join(_ENCODE(value, 0)).encode()
+    return _ENCODE(value).encode()
 
 
 def prepare_token_issued(
