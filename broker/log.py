@@ -3,6 +3,11 @@
 ``redact`` is the backstop that keeps secrets out of log lines: values of
 secret-looking keys and any ``SecretStr`` are replaced. The plan is still
 that secrets never reach a log call in the first place.
+
+Every token request writes one log line, so the pipeline is kept cheap: a
+component's logger is bound once per configuration (``get_logger``), the
+timestamp reuses the current second's prefix (``utc_timestamp``) and the
+JSON encoder is built once (``_json_line``).
 """
 
 from __future__ import annotations
@@ -11,11 +16,14 @@ import functools
 import logging
 import re
 import sys
+import time
 from collections.abc import Mapping, MutableMapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 from pydantic import SecretBytes, SecretStr
+
+from broker.jsonenc import encoder
 
 REDACTED = "[REDACTED]"
 _SECRET_KEY = re.compile(
@@ -58,17 +66,60 @@ def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> 
     return event_dict
 
 
+class _State:
+    """This module's mutable state."""
+
+    stamp: tuple[int, str] = (-1, "")  # (second, "YYYY-MM-DDTHH:MM:SS.") of the last timestamp
+    generation = 0  # bumped on every (re)configuration: component loggers rebind on their next call
+
+
+def utc_timestamp() -> str:
+    """Now in UTC as ``2026-11-28T00:22:36.123456Z`` (always six fractional digits).
+
+    The second's prefix is formatted once per second (0.3 us a call instead of
+    1.7 for ``datetime.now().isoformat()``). Thread-safe: the cache is one
+    tuple, swapped whole.
+    """
+    second, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    stamp = _State.stamp
+    if stamp[0] != second:
+        stamp = _State.stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)))
+    return f"{stamp[1]}{micros:06d}Z"
+
+
+def add_timestamp(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: ``timestamp`` = ``utc_timestamp()``."""
+    event_dict["timestamp"] = utc_timestamp()
+    return event_dict
+
+
+def _not_json(value: Any) -> Any:
+    """What structlog's JSONRenderer does with a value JSON has no type for: ``__structlog__()``, else ``repr``."""
+    render = getattr(value, "__structlog__", None)
+    return render() if callable(render) else repr(value)
+
+
+_dumps_line = encoder(default=_not_json)  # json.dumps(event_dict, default=_not_json), built once
+
+
+def _json_line(event_dict: Any, **_dumps_kw: Any) -> str:
+    """JSONRenderer's serializer: what ``json.dumps(event_dict, default=_not_json)`` gives."""
+    return _dumps_line(event_dict)
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    """Configure structlog (and stdlib logging) once, at process start."""
+    """Configure structlog (and stdlib logging) at process start; a later call replaces the configuration."""
     out = stream if stream is not None else sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and out.isatty())
-    renderer: Any = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer(serializer=_json_line)
+    )
     numeric = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            add_timestamp,
             redact,
             structlog.processors.format_exc_info,
             renderer,
@@ -78,9 +129,38 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=out, force=True)
+    _State.generation += 1
 
 
-def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+def reset_logging() -> None:
+    """structlog's default configuration again (tests), component loggers included."""
+    structlog.reset_defaults()
+    _State.generation += 1
+
+
+class _ComponentLogger:
+    """A component's logger: structlog's bound logger for the configuration in force, bound once per configuration.
+
+    structlog's lazy proxy either binds on every call (a bound logger and a
+    ``WriteLogger`` per log line) or, with ``cache_logger_on_first_use``,
+    keeps the first configuration for good, which the CLI replaces (its flags
+    first, then the settings). This one rebinds when the configuration changes.
+    """
+
+    __slots__ = ("_bound", "_generation", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._generation = -1
+        self._bound: Any = None
+
+    def __getattr__(self, attribute: str) -> Any:
+        if self._generation != _State.generation:
+            self._bound = structlog.get_logger(component=self._name).bind()
+            self._generation = _State.generation
+        return getattr(self._bound, attribute)
+
+
+def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     """Return a logger bound with the component name."""
-    logger: structlog.stdlib.BoundLogger = structlog.get_logger(component=name)
-    return logger
+    return cast("structlog.typing.FilteringBoundLogger", _ComponentLogger(name))

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import structlog
 
-from broker.log import configure_logging
+from broker.log import configure_logging, reset_logging
 from broker.testing.servers import RunningServer, reset_moto, start_moto, start_openbao
 
 _AMBIENT_PREFIXES = ("VAULT_", "BAO_", "AWS_", "BROKER_", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
@@ -41,7 +41,7 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
 def reset_structlog() -> Iterator[None]:
     """Each test starts with the default structlog configuration."""
     yield
-    structlog.reset_defaults()
+    reset_logging()
     structlog.contextvars.clear_contextvars()
 
 

@@ -61,7 +61,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -82,7 +82,7 @@ from broker.audit.records import (
     seal_prepared,
 )
 from broker.errors import AuditUnavailable, ConfigError
-from broker.log import get_logger
+from broker.log import get_logger, utc_timestamp
 from broker.metrics import Metrics
 from broker.models import IntegrationRef, IssuedToken, Principal
 from broker.settings import AuditSettings
@@ -385,9 +385,7 @@ class AuditLog:
         self._metrics = metrics or Metrics()
         self._path = settings.file_path
         self._stdout: BinaryIO | None = (stdout or sys.stdout.buffer) if settings.stdout else None
-        self._clock = clock  # None: the system clock, formatted by _now without a datetime
-        self._ts_second = -1
-        self._ts_prefix = ""
+        self._clock = clock  # None: the system clock, formatted by utc_timestamp without a datetime
         self._timeout_seconds = settings.write_timeout_ms / 1000
         self._queue: queue.SimpleQueue[_Request] = queue.SimpleQueue()  # bounded by _reserve, in records
         self._queued_lock = threading.Lock()
@@ -745,14 +743,10 @@ class AuditLog:
                 batch.append(request)
 
     def _now(self) -> str:
-        """The current time as ``format_ts`` writes it (writer thread only: the second's prefix is cached)."""
+        """The current time as ``format_ts`` writes it (``utc_timestamp``: the same format, the second cached)."""
         if self._clock is not None:
             return format_ts(self._clock())
-        second, micros = divmod(time.time_ns() // 1000, 1_000_000)
-        if second != self._ts_second:
-            self._ts_prefix = format_ts(datetime.fromtimestamp(second, UTC))[:-7]  # "...T12:34:56."
-            self._ts_second = second
-        return f"{self._ts_prefix}{micros:06d}Z"
+        return utc_timestamp()
 
     def _write_batch(self, requests: list[_Request]) -> None:
         self._note_sync_failure()
