@@ -425,6 +425,10 @@ def serve_cmd(ctx: click.Context, worker_index: int | None, listen_fd: int | Non
         port=settings.server.port,
         log_config=None,
         access_log=False,
+        # Callers are known by their service-account token, never by address: X-Forwarded-* headers are not
+        # interpreted, and no Server header advertises what answers.
+        proxy_headers=False,
+        server_header=False,
         timeout_graceful_shutdown=int(settings.server.shutdown_grace_seconds),
     )
     server = DrainingServer(

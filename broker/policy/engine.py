@@ -19,7 +19,9 @@ whatever its integration scope: unscoped questions are answered fail-closed,
 and list endpoints should decide per item.
 
 Globs are compiled once at construction; ``decide`` only looks up the rules
-of the action and calls precompiled matchers.
+of the action and calls precompiled matchers, and remembers its answers: a
+decision depends on nothing but the rules (fixed for an engine: a reload
+builds a new one) and the five names it is asked about.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class CompiledRule:
 
 
 _NO_CAP = float("inf")
+_MEMO_SIZE = 4096  # decisions remembered per engine; forgotten all at once when full
 
 
 class PolicyEngine:
@@ -104,6 +107,7 @@ class PolicyEngine:
                 (allows if rule.allow else denies).setdefault(action, []).append(rule)
         self._denies = {a: tuple(r) for a, r in denies.items()}
         self._allows = {a: tuple(r) for a, r in allows.items()}
+        self._memo: dict[tuple[str, str, str, str | None, str | None], Decision] = {}
 
     @classmethod
     def from_policy_set(cls, policy_set: PolicySet) -> PolicyEngine:
@@ -117,6 +121,21 @@ class PolicyEngine:
 
     def decide(self, principal: Principal, action: str, ref: IntegrationRef | None = None) -> Decision:
         """Allow or deny, with the deciding rule and a reason (see the module docstring)."""
+        key = (
+            principal.namespace,
+            principal.service_account,
+            action,
+            ref.organization_id if ref is not None else None,
+            ref.vendor_id if ref is not None else None,
+        )
+        decision = self._memo.get(key)
+        if decision is None:
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            decision = self._memo[key] = self._decide(principal, action, ref)
+        return decision
+
+    def _decide(self, principal: Principal, action: str, ref: IntegrationRef | None) -> Decision:
         for rule in self._denies.get(action, ()):
             if rule.matches(principal, ref):
                 return Decision(False, rule.id, f"denied by rule {rule.id}")

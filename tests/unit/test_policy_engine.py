@@ -187,3 +187,32 @@ class TestGlobs:
         """'acme-*' matches acme-crm but not ACME-crm nor x-acme-crm."""
         match = compile_glob("acme-*")
         assert match("acme-crm") and not match("ACME-crm") and not match("x-acme-crm")
+
+
+class TestRememberedDecisions:
+    """``decide`` remembers its answers per engine; they are the answers it would compute afresh."""
+
+    SUBJECTS = ("billing/invoicer", "billing/other", "ops/admin", "team-x/y")
+    ACTIONS = ("token:issue", "integration:read", "integration:rotate")
+    PAIRS = (None, "o/acme-crm", "o/acme-legacy", "p/beta")
+
+    def _questions(self) -> list[tuple[Principal, str, IntegrationRef | None]]:
+        return [(_who(s), a, _pair(p) if p else None) for s in self.SUBJECTS for a in self.ACTIONS for p in self.PAIRS]
+
+    def test_repeated_questions_get_the_computed_answer(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Asked three times over (the memo full and cleared in between), every answer equals a fresh engine's."""
+        rules = (BILLING, TEAM_WIDE, UNCAPPED, DENY_LEGACY, ADMINS)
+        monkeypatch.setattr("broker.policy.engine._MEMO_SIZE", 7)  # forces clears mid-way
+        engine = _engine(*rules)
+        questions = self._questions()
+        for _ in range(3):
+            for principal, action, ref in questions:
+                assert engine.decide(principal, action, ref) == _engine(*rules).decide(principal, action, ref)
+        assert len(engine._memo) <= 7
+
+    def test_a_new_engine_does_not_inherit_answers(self) -> None:
+        """A reload builds a new engine: the old one's remembered allow does not survive a rule change."""
+        before = _engine(UNCAPPED)
+        assert before.decide(_who("billing/x"), "token:issue", _pair("o/acme-legacy")).allowed
+        after = _engine(UNCAPPED, DENY_LEGACY)
+        assert not after.decide(_who("billing/x"), "token:issue", _pair("o/acme-legacy")).allowed
