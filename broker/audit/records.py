@@ -130,6 +130,10 @@ def format_ts(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime(TS_FORMAT)
 
 
+_TOKEN_HMACS = 1024  # token HMACs remembered per key (forgotten all at once when full)
+_PRINCIPAL_VIEWS = 1024  # serialised principals remembered (likewise)
+
+
 def _secret_bytes(value: SecretValue) -> bytes:
     if isinstance(value, SecretStr):
         return value.get_secret_value().encode()
@@ -147,7 +151,7 @@ class AuditKey:
     use a separately derived key; ``key_id`` names the key without revealing it.
     """
 
-    __slots__ = ("_checkpoint_key", "_secret_key", "ephemeral", "key_id")
+    __slots__ = ("_checkpoint_key", "_secret_key", "_token_hmacs", "ephemeral", "key_id")
 
     def __init__(self, material: bytes, *, ephemeral: bool = False) -> None:
         if len(material) < MIN_KEY_BYTES:
@@ -156,6 +160,7 @@ class AuditKey:
         self._checkpoint_key = hmac.new(material, b"mspc-broker audit v1 checkpoint-mac", hashlib.sha256).digest()
         self.key_id = hmac.new(material, b"mspc-broker audit v1 key-id", hashlib.sha256).hexdigest()[:16]
         self.ephemeral = ephemeral
+        self._token_hmacs: dict[str, str] = {}
 
     @classmethod
     def from_settings(cls, settings: AuditSettings) -> AuditKey:
@@ -189,6 +194,22 @@ class AuditKey:
     def hmac_hex(self, value: SecretValue) -> str:
         """HMAC-SHA256 (hex) of a secret value, as stored in ``<name>_hmac`` fields."""
         return hmac.digest(self._secret_key, _secret_bytes(value), "sha256").hex()
+
+    def token_hmac_hex(self, token: SecretStr) -> str:
+        """``hmac_hex`` of an MSPC_TOKEN, remembered for the last ``_TOKEN_HMACS`` distinct tokens.
+
+        An integration's token is the same string until one of its keys
+        rotates, so the HMAC of every token issued is computed once per key
+        pair. The remembered tokens are what the key cache already holds in
+        memory, in another form.
+        """
+        text = token.get_secret_value()
+        digest = self._token_hmacs.get(text)
+        if digest is None:
+            if len(self._token_hmacs) >= _TOKEN_HMACS:
+                self._token_hmacs.clear()
+            digest = self._token_hmacs[text] = self.hmac_hex(token)
+        return digest
 
     def checkpoint_mac(self, record: Mapping[str, Any]) -> str:
         """MAC of a checkpoint record: over its canonical form without ``hash`` and ``mac``."""
@@ -259,6 +280,28 @@ def _check_names(details: tuple[str, ...], secrets: tuple[str, ...]) -> None:
         _check_name("secrets", name)
         if f"{name}_hmac" in details:
             raise ValueError(f"details already has {name}_hmac")
+
+
+def _principal_json(principal: Principal) -> tuple[bytes, bytes]:
+    """The ``principal`` and ``subject`` members of a record, serialised; remembered per principal object.
+
+    Principals come from the identity cache, one object per verified
+    service-account token, so the same object signs many requests. The
+    entry holds the object itself, so its id cannot be reused while cached.
+    """
+    entry = _PRINCIPAL_JSON.get(id(principal))
+    if entry is None or entry[0] is not principal:
+        if len(_PRINCIPAL_JSON) >= _PRINCIPAL_VIEWS:
+            _PRINCIPAL_JSON.clear()
+        entry = _PRINCIPAL_JSON[id(principal)] = (
+            principal,
+            canonical(_principal_view(principal)),
+            _json(principal.subject),
+        )
+    return entry[1], entry[2]
+
+
+_PRINCIPAL_JSON: dict[int, tuple[Principal, bytes, bytes]] = {}
 
 
 def _principal_view(principal: Principal) -> dict[str, str | None]:
@@ -478,16 +521,17 @@ def prepare_token_issued(
         "lease_id": issued.lease_id,
         "partner_key_version": issued.partner_key_version,
         "stale": issued.stale,
-        "token_hmac": key.hmac_hex(issued.token),
+        "token_hmac": key.token_hmac_hex(issued.token),
         "ttl_seconds": issued.ttl_seconds,
         "vendor_key_version": issued.vendor_key_version,
     }
+    view, subject = _principal_json(principal)
     return PreparedRecord(
         head=b'{"action":"token.issued","details":%s,' % canonical(details),
         to_prev=b'"organization_id":%s,"outcome":"success","prev":"' % _json(ref.organization_id),
         to_seq=b'","principal":%s,"reason":null,"request_id":%s,"rule_id":%s,"seq":'
-        % (canonical(_principal_view(principal)), _json(request_id), _json(issued.rule_id)),
-        to_ts=b',"subject":%s,"ts":"' % _json(principal.subject),
+        % (view, _json(request_id), _json(issued.rule_id)),
+        to_ts=b',"subject":%s,"ts":"' % subject,
         rest=b'","v":%d,"vendor_id":%s}' % (SCHEMA_VERSION, _json(ref.vendor_id)),
     )
 

@@ -322,3 +322,25 @@ def test_prepared_token_issued_seals_like_the_event(
     expected = seal(event.body(key), seq=seq, ts=ts, prev=prev)
     prepared = prepare_token_issued(key, principal, ref, issued, request_id=request_id)
     assert seal_prepared(prepared, seq=seq, ts=ts, prev=prev) == expected
+    again = prepare_token_issued(key, principal, ref, issued, request_id=request_id)  # from the remembered parts
+    assert seal_prepared(again, seq=seq, ts=ts, prev=prev) == expected
+
+
+def test_remembered_parts_stay_right_past_their_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Token HMACs and serialised principals are remembered within bounds; cleared and refilled, they stay right."""
+    monkeypatch.setattr("broker.audit.records._TOKEN_HMACS", 3)
+    monkeypatch.setattr("broker.audit.records._PRINCIPAL_VIEWS", 3)
+    key = AuditKey(b"k" * 32)
+    ref = IntegrationRef("org-1", "acme")
+    principals = [Principal("ns", f"sa-{i}", pod_name=f"pod-{i}") for i in range(5)]
+    for round_ in range(3):
+        for i, principal in enumerate(principals):
+            token = SecretStr(f"token-{i % 4}")
+            issued = IssuedToken(token, NOW, 60, f"lease-{round_}-{i}", "2", "1", False, "r")
+            assert key.token_hmac_hex(token) == key.hmac_hex(token)
+            prepared = prepare_token_issued(key, principal, ref, issued, request_id=None)
+            line, _ = seal_prepared(prepared, seq=i, ts=format_ts(NOW), prev="0" * 64)
+            record = json.loads(line)
+            assert record["principal"]["service_account"] == f"sa-{i}"
+            assert record["subject"] == f"ns/sa-{i}"
+            assert record["details"]["token_hmac"] == key.hmac_hex(token)
