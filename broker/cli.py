@@ -391,9 +391,12 @@ def dev_cmd(backend: str, port: int, policies: Path, workdir: Path | None, once:
 @click.option("--worker", "worker_index", type=int, default=None, hidden=True, help="Internal: worker index.")
 @click.option("--listen-fd", type=int, default=None, hidden=True, help="Internal: inherited listening socket.")
 @click.option("--ready-fd", type=int, default=None, hidden=True, help="Internal: closed once serving.")
+@click.option("--balance", "balance_spec", default=None, hidden=True, help="Internal: connection balancing channels.")
 @click.pass_context
 @handle_errors
-def serve_cmd(ctx: click.Context, worker_index: int | None, listen_fd: int | None, ready_fd: int | None) -> None:
+def serve_cmd(
+    ctx: click.Context, worker_index: int | None, listen_fd: int | None, ready_fd: int | None, balance_spec: str | None
+) -> None:
     """Run the broker: HTTP API, reconcile loop, policy reload, audit trail.
 
     With ``server.workers`` > 1 this process supervises that many workers
@@ -404,6 +407,7 @@ def serve_cmd(ctx: click.Context, worker_index: int | None, listen_fd: int | Non
     import uvicorn
 
     from broker.api.app import create_app
+    from broker.api.balance import Balancer
     from broker.api.server import DrainingServer
     from broker.api.workers import Supervisor, worker_settings
     from broker.runtime import Runtime
@@ -419,8 +423,10 @@ def serve_cmd(ctx: click.Context, worker_index: int | None, listen_fd: int | Non
     # What is alive now (imports, settings, the app) lives as long as the process: moved out of the
     # collector's generations, a full collection no longer walks it in the middle of requests.
     gc.freeze()
+    balancer = Balancer.from_spec(balance_spec) if balance_spec is not None else None
     config = uvicorn.Config(
         app,
+        http=balancer.protocol_class() if balancer is not None else "auto",
         host=settings.server.host,
         port=settings.server.port,
         log_config=None,
@@ -436,6 +442,7 @@ def serve_cmd(ctx: click.Context, worker_index: int | None, listen_fd: int | Non
         drain_seconds=settings.server.drain_seconds,
         on_drain=runtime.begin_drain,
         on_started=functools.partial(_signal_ready, ready_fd) if ready_fd is not None else None,
+        balancer=balancer,
     )
     server.run(sockets=[socket.socket(fileno=listen_fd)] if listen_fd is not None else None)
 

@@ -18,6 +18,8 @@ from types import FrameType
 
 import uvicorn
 
+from broker.api.balance import Balancer
+
 
 class DrainingServer(uvicorn.Server):
     """``uvicorn.Server`` whose exit signal first drains (see the module docstring)."""
@@ -29,8 +31,10 @@ class DrainingServer(uvicorn.Server):
         drain_seconds: float,
         on_drain: Callable[[], None],
         on_started: Callable[[], None] | None = None,
+        balancer: Balancer | None = None,
     ) -> None:
         super().__init__(config)
+        self._balancer = balancer
         self._drain_seconds = drain_seconds
         self._on_drain = on_drain
         self._on_started = on_started
@@ -39,8 +43,22 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's start-up (lifespan, listeners), then ``on_started`` once it is serving."""
         await super().startup(sockets)
+        if self.started and self._balancer is not None:
+            self._balancer.start(
+                self.server_state.connections,
+                config=self.config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+            )
         if self.started and self._on_started is not None:
             self._on_started()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._balancer is not None:
+            self._balancer.stop_accepting()
+        await super().shutdown(sockets)
+        if self._balancer is not None:
+            self._balancer.close()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit:
@@ -50,6 +68,8 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
             return
         self._draining = True
+        if self._balancer is not None:
+            self._balancer.stop_accepting()
         self._on_drain()
         timer = threading.Timer(self._drain_seconds, self._finish_drain)
         timer.daemon = True

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from broker.api.balance import BalanceChannels
 from broker.audit import worker_audit_path
 from broker.errors import ConfigError
 from broker.log import get_logger
@@ -143,6 +144,7 @@ class Supervisor:
         self._stopping = threading.Event()
         self._failed_at_start: int | None = None
         self._port = settings.server.port
+        self._balance: BalanceChannels | None = None
 
     def run(self) -> int:
         """Serve until a signal stops the workers; the exit status for the process."""
@@ -152,6 +154,7 @@ class Supervisor:
             first = listen_socket(server.host, self._port)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {server.host}:{server.port}: {exc.strerror or exc}") from None
+        balance = self._balance = BalanceChannels(len(self._workers))
         metrics_dir = Path(tempfile.mkdtemp(prefix="mspc-broker-metrics-"))
         env = dict(os.environ)
         env[MULTIPROC_ENV] = str(metrics_dir)
@@ -176,6 +179,7 @@ class Supervisor:
                 if worker.ready_fd is not None:
                     os.close(worker.ready_fd)
             shutil.rmtree(metrics_dir, ignore_errors=True)
+            balance.close()
 
     def _start(self, worker: _Worker, env: dict[str, str], sock: socket.socket | None = None) -> None:
         """Start ``worker`` on ``sock`` or a new socket of the group; the worker owns it from then on."""
@@ -191,9 +195,13 @@ class Supervisor:
         os.set_blocking(ready_read, False)
         argv = [*WORKER_COMMAND, "serve", "--worker", str(worker.index), "--listen-fd", str(fd)]
         argv += ["--ready-fd", str(ready_write)]
+        balance_fds: tuple[int, ...] = ()
+        if self._balance is not None:
+            spec, balance_fds = self._balance.spec(worker.index)
+            argv += ["--balance", spec]
         try:
             worker.process = subprocess.Popen(  # noqa: S603 - our own command
-                argv, env=env, pass_fds=(fd, ready_write), stdin=subprocess.DEVNULL
+                argv, env=env, pass_fds=(fd, ready_write, *balance_fds), stdin=subprocess.DEVNULL
             )
         finally:
             os.close(ready_write)
@@ -212,6 +220,8 @@ class Supervisor:
             process = worker.process
             if process is not None and process.poll() is not None:
                 worker.process = None
+                if self._balance is not None:
+                    self._balance.mark_not_serving(worker.index)
                 if not worker.serving and worker.runs == 1:
                     # Failing before it ever served, at start-up: a configuration problem (the worker said which
                     # on stderr). Restarting would only repeat it: stop, as a single broker process would.
