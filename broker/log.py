@@ -71,6 +71,7 @@ class _State:
 
     stamp: tuple[int, str] = (-1, "")  # (second, "YYYY-MM-DDTHH:MM:SS.") of the last timestamp
     generation = 0  # bumped on every (re)configuration: component loggers rebind on their next call
+    json_info: TextIO | None = None  # the stream, when info lines are enabled and JSON (see info_line)
 
 
 def utc_timestamp() -> str:
@@ -129,12 +130,14 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=out, force=True)
+    _State.json_info = out if not use_console and numeric <= logging.INFO else None
     _State.generation += 1
 
 
 def reset_logging() -> None:
     """structlog's default configuration again (tests), component loggers included."""
     structlog.reset_defaults()
+    _State.json_info = None
     _State.generation += 1
 
 
@@ -164,3 +167,31 @@ class _ComponentLogger:
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     """Return a logger bound with the component name."""
     return cast("structlog.typing.FilteringBoundLogger", _ComponentLogger(name))
+
+
+_loggers: dict[str, structlog.typing.FilteringBoundLogger] = {}
+
+
+def info_line(component: str, event: str, **fields: Any) -> None:
+    """``get_logger(component).info(event, **fields)``, for the line written on every request.
+
+    With JSON lines (the production format) the line is built here: the
+    processors' values in the same order, rendered and written as structlog
+    would (a test holds the two lines equal), without the bound-logger
+    machinery around them, which took half of the line's ~25 us. Any other
+    configuration, or an ``exc_info``, goes through structlog.
+    """
+    stream = _State.json_info
+    if stream is None or "exc_info" in fields:
+        logger = _loggers.get(component)
+        if logger is None:
+            logger = _loggers[component] = get_logger(component)
+        logger.info(event, **fields)
+        return
+    event_dict: dict[str, Any] = {"component": component, **fields, "event": event}
+    structlog.contextvars.merge_contextvars(None, "info", event_dict)
+    event_dict["level"] = "info"
+    event_dict["timestamp"] = utc_timestamp()
+    redact(None, "info", event_dict)
+    stream.write(_dumps_line(event_dict) + "\n")
+    stream.flush()

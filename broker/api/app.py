@@ -30,7 +30,7 @@ from broker.engine.core import IntegrationStatus, Outcome
 from broker.engine.desired import DesiredIntegration
 from broker.errors import BrokerError, InvalidIdentifier, InvalidInput
 from broker.jsonenc import encoder
-from broker.log import get_logger
+from broker.log import get_logger, info_line
 from broker.metrics import Metrics
 from broker.models import IDENTIFIER_REGEX, IntegrationRef, IssuedToken, Principal
 from broker.service import BrokerService, new_id
@@ -291,7 +291,8 @@ class CanonicalLogMiddleware:
         if route_name not in _QUIET_ROUTES:
             state = scope["state"]
             principal: Principal | None = state.get("principal")
-            log.info(
+            info_line(
+                "api",
                 "request",
                 method=method,
                 route=route_name,

@@ -6,11 +6,21 @@ import io
 import json
 import re
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import pytest
 import structlog
 from pydantic import SecretStr
 
-from broker.log import REDACTED, _json_line, configure_logging, get_logger, reset_logging, utc_timestamp
+from broker.log import (
+    REDACTED,
+    _json_line,
+    configure_logging,
+    get_logger,
+    info_line,
+    reset_logging,
+    utc_timestamp,
+)
 
 
 class TestLogging:
@@ -81,3 +91,35 @@ class TestFastPipeline:
         event = {"event": "x", "n": 1.5, "text": "é\u2028", "obj": object.__new__(Custom), "other": b"raw"}
         expected = json.dumps(event, default=lambda v: v.__structlog__() if hasattr(v, "__structlog__") else repr(v))
         assert _json_line(event) == expected
+
+    @pytest.mark.parametrize("fmt", ["json", "console"])
+    def test_info_line_writes_what_the_logger_writes(self, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        """``info_line`` (the per-request line) gives the same line as ``get_logger(...).info``, in either format."""
+        monkeypatch.setattr("broker.log.utc_timestamp", lambda: "2026-11-28T01:02:03.000004Z")
+        buffer = io.StringIO()
+        configure_logging(level="info", fmt=fmt, stream=buffer)
+        structlog.contextvars.bind_contextvars(request_id="r-1")
+        fields: dict[str, Any] = {
+            "method": "POST",
+            "status": 201,
+            "principal": "ns/sa",
+            "pod": None,
+            "latency_ms": 1.25,
+            "authorization": "Bearer secret",  # the redaction backstop still applies
+        }
+        get_logger("api").info("request", **fields)
+        info_line("api", "request", **fields)
+        first, second = buffer.getvalue().splitlines()
+        assert first == second
+        assert "secret" not in first
+        if fmt == "json":
+            assert list(json.loads(first)) == [
+                *("component", "method", "status", "principal", "pod", "latency_ms", "authorization"),
+                *("event", "request_id", "level", "timestamp"),
+            ]
+
+    def test_info_line_respects_the_level(self) -> None:
+        buffer = io.StringIO()
+        configure_logging(level="warning", fmt="json", stream=buffer)
+        info_line("api", "request", status=201)
+        assert buffer.getvalue() == ""
