@@ -101,6 +101,9 @@ def _not_json(value: Any) -> Any:
 
 
 _dumps_line = encoder(default=_not_json)  # json.dumps(event_dict, default=_not_json), built once
+# The same for info_line's flat lines of scalars, without the circular-reference bookkeeping (a cycle
+# would end in RecursionError rather than ValueError).
+_dumps_flat_line = encoder(default=_not_json, check_circular=False)
 
 
 def _json_line(event_dict: Any, **_dumps_kw: Any) -> str:
@@ -193,5 +196,5 @@ def info_line(component: str, event: str, **fields: Any) -> None:
     event_dict["level"] = "info"
     event_dict["timestamp"] = utc_timestamp()
     redact(None, "info", event_dict)
-    stream.write(_dumps_line(event_dict) + "\n")
+    stream.write(_dumps_flat_line(event_dict) + "\n")
     stream.flush()

@@ -97,6 +97,9 @@ STEPS = (
 )
 
 
+_PATHS_REMEMBERED = 4096  # rendered paths kept per engine (forgotten all at once when full)
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What one engine operation did to one integration."""
@@ -161,6 +164,8 @@ class Engine:
         self._on_key_change = on_key_change
         # Vendor keys read during the running reconcile_all pass(es) (see _probe); None outside a pass.
         self._vendor_memo: dict[str, SecretValue] | None = None
+        # Rendered secret paths (asked for on every token request; the templates are fixed settings).
+        self._paths: dict[IntegrationRef | str, str] = {}
         self._passes = 0
         self._pass_lock = threading.Lock()
         self._promote = store.promote if isinstance(store, SagaStore) else self._promote_in_two_moves
@@ -173,7 +178,10 @@ class Engine:
     # -- paths -------------------------------------------------------------
 
     def partner_path(self, ref: IntegrationRef) -> str:
-        return partner_key_path(self._settings, ref)
+        path = self._paths.get(ref)
+        if path is None:
+            path = self._remember_path(ref, partner_key_path(self._settings, ref))
+        return path
 
     def state_path(self, ref: IntegrationRef) -> str:
         return self._settings.engine.state_path_template.format(
@@ -181,7 +189,16 @@ class Engine:
         )
 
     def vendor_path(self, vendor_id: str) -> str:
-        return vendor_key_path(self._settings, vendor_id)
+        path = self._paths.get(vendor_id)
+        if path is None:
+            path = self._remember_path(vendor_id, vendor_key_path(self._settings, vendor_id))
+        return path
+
+    def _remember_path(self, key: IntegrationRef | str, path: str) -> str:
+        if len(self._paths) >= _PATHS_REMEMBERED:
+            self._paths.clear()
+        self._paths[key] = path
+        return path
 
     # -- small helpers -----------------------------------------------------
 
