@@ -7,20 +7,25 @@ gateway, a load generator) then keep the fuller worker fuller, and its
 requests wait longer: the tail latency is the fuller worker's. (Envoy's
 ``exact_balance`` answers the same problem between threads.) Here:
 
-- every worker publishes how many connections it holds in a shared array
-  (a memfd the supervisor creates and passes to each worker); -1 means
-  "send me nothing": not serving yet, draining, or dead;
-- a worker that accepts a connection while it already holds more than the
-  least loaded worker hands it over before reading a byte: the descriptor
-  goes through that worker's inbox (a Unix datagram socket, ``SCM_RIGHTS``)
-  and the worker adopts it as if it had accepted it itself;
-- a connection is handed over at most once, and if the hand-over fails
-  (inbox full, worker gone) it stays where it was accepted.
+- each worker publishes its load in an array the supervisor shares with all
+  of them (a memfd): the connections it holds and those it is adopting, or
+  -1 for "send me nothing" (not serving yet, draining, dead);
+- a worker that accepts a connection while its load is above the least
+  loaded worker's hands it over before reading a byte: the descriptor goes
+  through that worker's inbox (a Unix datagram socket, ``SCM_RIGHTS``), and
+  the worker adopts it as if it had accepted it itself;
+- connections on their way count for their receiver: the array also holds,
+  per pair of workers, how many the one sent and how many the other took
+  (each counter written by one worker only). Without that, a worker that
+  accepted its share of a burst before the other woke up would hand over
+  half of it, and the other would then add its own share on top;
+- a connection is handed over at most once; if the hand-over fails (inbox
+  full, worker gone) it stays where it was accepted.
 
-The counts are refreshed on every decision and every ``PUBLISH_SECONDS``
-(connections that close are not observed one by one), so a decision may
-rest on a count that is that old: the balance is exact for connections
-opened together, which is the case it is for.
+A worker republishes its load on every decision and every
+``PUBLISH_SECONDS`` (connections that close are not observed one by one),
+so a decision may rest on a load that old: the balance is exact for
+connections opened together, which is the case it is for.
 """
 
 from __future__ import annotations
@@ -39,37 +44,72 @@ from broker.log import get_logger
 
 log = get_logger("workers")
 
-PUBLISH_SECONDS = 0.05  # how often a worker republishes its connection count
-_SLOT = 8  # bytes per worker in the shared array (a signed 64-bit count)
+PUBLISH_SECONDS = 0.05  # how often a worker republishes its load
 NOT_SERVING = -1
+_ITEM = 8  # bytes per counter (signed 64-bit)
 
 
-def hand_off_target(index: int, held: int, counts: Sequence[int]) -> int | None:
-    """The worker a new connection of worker ``index`` (holding ``held`` others) should go to; None: keep it.
+def _cells(workers: int) -> int:
+    """Counters in the shared array: a load per worker, then ``sent[i][j]``, then ``taken[i][j]``."""
+    return workers + 2 * workers * workers
 
-    The least loaded serving worker (the lowest index among equals), if it
-    holds fewer than ``held``: after the hand-over neither is more than one
+
+def hand_off_target(index: int, held: int, loads: Sequence[int]) -> int | None:
+    """The worker a new connection of worker ``index`` (whose load is ``held``) should go to; None: keep it.
+
+    The least loaded serving worker (the lowest index among equals), if its
+    load is below ``held``: after the hand-over neither is more than one
     above the other.
     """
     best: int | None = None
-    for worker, count in enumerate(counts):
-        if worker != index and count >= 0 and (best is None or count < counts[best]):
+    for worker, load in enumerate(loads):
+        if worker != index and load >= 0 and (best is None or load < loads[best]):
             best = worker
-    return best if best is not None and counts[best] < held else None
+    return best if best is not None and loads[best] < held else None
+
+
+class _Counters:
+    """The shared array, seen through a memoryview of signed 64-bit integers."""
+
+    def __init__(self, memfd: int, workers: int) -> None:
+        self.workers = workers
+        self._map = mmap.mmap(memfd, _ITEM * _cells(workers))
+        self.cells = memoryview(self._map).cast("q")
+
+    def sent(self, sender: int, receiver: int) -> int:
+        return self.workers + sender * self.workers + receiver
+
+    def taken(self, sender: int, receiver: int) -> int:
+        return self.workers + self.workers * self.workers + sender * self.workers + receiver
+
+    def loads(self) -> list[int]:
+        """Each worker's published load plus the connections on their way to it (-1: not serving)."""
+        cells = self.cells.tolist()
+        n = self.workers
+        loads = cells[:n]
+        for receiver in range(n):
+            if loads[receiver] >= 0:
+                for sender in range(n):
+                    loads[receiver] += cells[n + sender * n + receiver] - cells[n + n * n + sender * n + receiver]
+        return loads
+
+    def close(self) -> None:
+        self.cells.release()
+        self._map.close()
 
 
 class BalanceChannels:
-    """The supervisor's side: the shared counts and one inbox per worker, kept for the supervisor's life.
+    """The supervisor's side: the shared counters and one inbox per worker, kept for the supervisor's life.
 
-    Inboxes outlive their workers: a restarted worker reads the same one.
+    Inboxes and counters outlive their workers: a restarted worker reads the
+    same inbox (and takes what was sent to its predecessor).
     """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._memfd = os.memfd_create("mspc-broker-balance", 0)
-        os.ftruncate(self._memfd, _SLOT * workers)
-        self._map = mmap.mmap(self._memfd, _SLOT * workers)
-        self._counts = memoryview(self._map).cast("q")
+        os.ftruncate(self._memfd, _ITEM * _cells(workers))
+        self._counters = _Counters(self._memfd, workers)
         self._inboxes = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(workers)]
         for receive, send in self._inboxes:
             receive.setblocking(False)
@@ -85,15 +125,14 @@ class BalanceChannels:
 
     def mark_not_serving(self, index: int) -> None:
         """Worker ``index`` is gone (or not started): nobody hands it connections."""
-        self._counts[index] = NOT_SERVING
+        self._counters.cells[index] = NOT_SERVING
 
-    def counts(self) -> list[int]:
-        """Each worker's published connection count (tests and logs)."""
-        return self._counts.tolist()
+    def loads(self) -> list[int]:
+        """Each worker's load as the workers see it (tests and logs)."""
+        return self._counters.loads()
 
     def close(self) -> None:
-        self._counts.release()
-        self._map.close()
+        self._counters.close()
         os.close(self._memfd)
         for receive, send in self._inboxes:
             receive.close()
@@ -105,15 +144,15 @@ class Balancer:
 
     def __init__(self, index: int, memfd: int, inbox: int, peers: Sequence[int]) -> None:
         self.index = index
-        self._map = mmap.mmap(memfd, _SLOT * len(peers))
+        self._counters = _Counters(memfd, len(peers))
         os.close(memfd)
-        self._counts = memoryview(self._map).cast("q")
         self._inbox = socket.socket(fileno=inbox)
         self._peers = {i: socket.socket(fileno=fd) for i, fd in enumerate(peers) if fd != NOT_SERVING}
         self._connections: set[Any] | None = None  # uvicorn's set of this worker's open connections
         self._protocol_arguments: dict[str, Any] | None = None  # uvicorn's, for the protocols of adopted connections
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._adopting = 0  # received, not yet connected
         self.handed_off = 0
         self.adopted = 0
 
@@ -144,7 +183,7 @@ class Balancer:
         return BalancedProtocol
 
     def start(self, connections: set[Any], **protocol_arguments: Any) -> None:
-        """Serving: publish the count, read the inbox (in the event loop that serves).
+        """Serving: publish the load, read the inbox (in the event loop that serves).
 
         ``connections`` is uvicorn's set of this worker's open connections;
         ``protocol_arguments`` are those uvicorn gives its protocol.
@@ -161,23 +200,29 @@ class Balancer:
             self._timer.cancel()
             self._timer = None
         self._connections = None
-        self._counts[self.index] = NOT_SERVING
+        self._counters.cells[self.index] = NOT_SERVING
 
     def close(self) -> None:
         self.stop_accepting()
         if self._loop is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._inbox.fileno())
-        self._counts.release()
-        self._map.close()
+        self._counters.close()
         self._inbox.close()
         for peer in self._peers.values():
             peer.close()
 
+    def _held(self) -> int:
+        """This worker's own load (connections held and being adopted), published as it is computed."""
+        assert self._connections is not None
+        held = len(self._connections) + self._adopting
+        self._counters.cells[self.index] = held
+        return held
+
     def _publish(self) -> None:
         if self._connections is None or self._loop is None:
             return
-        self._counts[self.index] = len(self._connections)
+        self._held()
         self._timer = self._loop.call_later(PUBLISH_SECONDS, self._publish)
 
     # -- handing over and adopting -------------------------------------------------
@@ -186,24 +231,24 @@ class Balancer:
         """Give a just-accepted connection to a less loaded worker; True if it went (the transport is let go)."""
         if self._connections is None:
             return False
-        held = len(self._connections)
-        self._counts[self.index] = held + 1
-        counts = self._counts.tolist()
-        target = hand_off_target(self.index, held, counts)
+        self._held()
+        loads = self._counters.loads()  # this worker's own includes what is on its way here
+        target = hand_off_target(self.index, loads[self.index], loads)
         if target is None:
             return False
         sock = transport.get_extra_info("socket")
         if sock is None:
             return False
+        sent = self._counters.sent(self.index, target)  # this worker's own counter, counted before it can be taken
+        self._counters.cells[sent] += 1
         duplicate = os.dup(sock.fileno())
         try:
-            socket.send_fds(self._peers[target], [b"c"], [duplicate])
+            socket.send_fds(self._peers[target], [b"%d" % self.index], [duplicate])
         except OSError:  # inbox full, or its worker gone: keep the connection here
+            self._counters.cells[sent] -= 1
             return False
         finally:
             os.close(duplicate)
-        self._counts[target] = counts[target] + 1  # until the target publishes its own count
-        self._counts[self.index] = held
         self.handed_off += 1
         transport.abort()  # closes this worker's descriptor only: the connection lives on in the target's
         return True
@@ -211,7 +256,7 @@ class Balancer:
     def _adopt(self) -> None:
         while True:
             try:
-                _, fds, _, _ = socket.recv_fds(self._inbox, 16, 16)
+                message, fds, _, _ = socket.recv_fds(self._inbox, 16, 16)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -221,6 +266,12 @@ class Balancer:
                 return
             for fd in fds:
                 self._adopt_one(socket.socket(fileno=fd))
+            # Published with them before they stop counting as on their way: the load never reads low.
+            if self._connections is not None:
+                self._held()
+            sender = int(message) if message.isdigit() else -1
+            if 0 <= sender < self._counters.workers:
+                self._counters.cells[self._counters.taken(sender, self.index)] += len(fds)
 
     def _adopt_one(self, sock: socket.socket) -> None:
         arguments = self._protocol_arguments
@@ -228,14 +279,15 @@ class Balancer:
             sock.close()
             return
         sock.setblocking(False)
+        self._adopting += 1
         self.adopted += 1
         task = self._loop.create_task(self._loop.connect_accepted_socket(lambda: AutoHTTPProtocol(**arguments), sock))
-        task.add_done_callback(_report_adoption)
+        task.add_done_callback(self._adopted)
 
-
-def _report_adoption(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("could not adopt a handed-over connection", error=type(task.exception()).__name__)
+    def _adopted(self, task: asyncio.Task[Any]) -> None:
+        self._adopting -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not adopt a handed-over connection", error=type(task.exception()).__name__)
 
 
 __all__ = ["BalanceChannels", "Balancer", "hand_off_target"]

@@ -36,23 +36,70 @@ def test_handing_off_in_turn_ends_within_one() -> None:
     assert sorted(counts) == [10, 10, 11]
 
 
-def test_channels_share_counts_with_workers() -> None:
-    """A worker's balancer sees what the supervisor marks and publishes what the supervisor reads."""
+def test_channels_share_loads_with_workers() -> None:
+    """A worker's balancer sees what the supervisor marks; loads count connections on their way to a worker."""
     channels = BalanceChannels(2)
     try:
-        assert channels.counts() == [NOT_SERVING, NOT_SERVING]
+        assert channels.loads() == [NOT_SERVING, NOT_SERVING]
         spec, fds = channels.spec(1)
         index, memfd, inbox, *peers = (int(part) for part in spec.split(","))
         assert (index, peers[1]) == (1, NOT_SERVING)
         assert {memfd, inbox, peers[0]} == set(fds)
         # The worker process gets its own copies of the descriptors; here, duplicates stand in for them.
         balancer = Balancer(1, os.dup(memfd), os.dup(inbox), [os.dup(peers[0]), NOT_SERVING])
+        counters = balancer._counters
         try:
-            balancer._counts[1] = 7
-            assert channels.counts() == [NOT_SERVING, 7]
+            counters.cells[0] = 3
+            counters.cells[1] = 7
+            assert channels.loads() == [3, 7]
+            counters.cells[counters.sent(0, 1)] += 2  # worker 0 sent two to worker 1, which took one so far
+            counters.cells[counters.taken(0, 1)] += 1
+            assert channels.loads() == [3, 8]
             channels.mark_not_serving(1)
-            assert balancer._counts.tolist() == [NOT_SERVING, NOT_SERVING]
+            assert counters.loads() == [3, NOT_SERVING]  # nothing is sent to a worker that is not serving
         finally:
             balancer.close()
+    finally:
+        channels.close()
+
+
+@pytest.mark.parametrize(("first", "second"), [(18, 14), (14, 18), (32, 0), (19, 13)])
+def test_a_worker_deciding_its_whole_share_first_still_ends_even(first: int, second: int) -> None:
+    """Worker 0 decides all of its share of a burst before worker 1 wakes; both end at 16.
+
+    The rule as the balancers apply it (publish the own load, read everyone's
+    through the shared counters, hand over to the least loaded): worker 1
+    counts what worker 0 sent it but it has not taken yet, so it hands its
+    own share back instead of keeping it on top.
+    """
+    channels = BalanceChannels(2)
+    counters = channels._counters
+    try:
+        held = [0, 0]
+        for worker in (0, 1):
+            counters.cells[worker] = 0
+
+        def decide(worker: int) -> None:
+            counters.cells[worker] = held[worker]
+            loads = counters.loads()
+            target = hand_off_target(worker, loads[worker], loads)
+            if target is None:
+                held[worker] += 1
+            else:
+                counters.cells[counters.sent(worker, target)] += 1
+
+        def take(worker: int) -> None:
+            sender = 1 - worker
+            waiting = counters.cells[counters.sent(sender, worker)] - counters.cells[counters.taken(sender, worker)]
+            counters.cells[counters.taken(sender, worker)] += waiting
+            held[worker] += waiting
+
+        for _ in range(first):
+            decide(0)
+        for _ in range(second):  # worker 1 accepts its own share before reading its inbox
+            decide(1)
+        take(1)
+        take(0)
+        assert held == [16, 16]
     finally:
         channels.close()
