@@ -20,7 +20,9 @@ requests wait longer: the tail latency is the fuller worker's. (Envoy's
   accepted its share of a burst before the other woke up would hand over
   half of it, and the other would then add its own share on top;
 - a connection is handed over at most once; if the hand-over fails (inbox
-  full, worker gone) it stays where it was accepted.
+  full, worker gone) it stays where it was accepted. An inbox holds
+  ``net.unix.max_dgram_qlen`` connections not yet taken (10 by default),
+  which the receiving worker empties on each turn of its event loop.
 
 A worker republishes its load on every decision and every
 ``PUBLISH_SECONDS`` (connections that close are not observed one by one),
