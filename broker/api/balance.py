@@ -24,10 +24,10 @@ requests wait longer: the tail latency is the fuller worker's. (Envoy's
   ``net.unix.max_dgram_qlen`` connections not yet taken (10 by default),
   which the receiving worker empties on each turn of its event loop.
 
-A worker republishes its load on every decision and every
-``PUBLISH_SECONDS`` (connections that close are not observed one by one),
-so a decision may rest on a load that old: the balance is exact for
-connections opened together, which is the case it is for.
+A worker republishes its load on every decision, every adoption and every
+connection it closes (and every ``PUBLISH_SECONDS`` besides), so a decision
+rests on the loads of that moment: a burst that follows closed connections
+is not judged by the closed ones.
 """
 
 from __future__ import annotations
@@ -155,6 +155,7 @@ class Balancer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._adopting = 0  # received, not yet connected
+        self._http = self._counted_http_protocol()
         self.handed_off = 0
         self.adopted = 0
 
@@ -165,6 +166,20 @@ class Balancer:
         return cls(index, memfd, inbox, peers)
 
     # -- serving -------------------------------------------------------------------
+
+    def _counted_http_protocol(self) -> type[asyncio.Protocol]:
+        """uvicorn's HTTP protocol, publishing this worker's load when one of its connections closes."""
+        balancer = self
+
+        def connection_lost(protocol: Any, exc: Exception | None) -> None:
+            AutoHTTPProtocol.connection_lost(protocol, exc)
+            if balancer._connections is not None:
+                balancer._held()
+
+        return cast(
+            "type[asyncio.Protocol]",
+            type("CountedHTTPProtocol", (AutoHTTPProtocol,), {"connection_lost": connection_lost}),
+        )
 
     def protocol_class(self) -> type[asyncio.Protocol]:
         """The ``http`` protocol class for uvicorn: decides on each connection, then runs uvicorn's own."""
@@ -178,7 +193,7 @@ class Balancer:
                 # uvloop's transports are not asyncio.Transport subclasses, but have its methods
                 if balancer.hand_off(cast("asyncio.Transport", transport)):
                     return
-                protocol = AutoHTTPProtocol(**self._arguments)
+                protocol = balancer._http(**self._arguments)
                 transport.set_protocol(protocol)
                 protocol.connection_made(transport)
 
@@ -233,6 +248,12 @@ class Balancer:
         """Give a just-accepted connection to a less loaded worker; True if it went (the transport is let go)."""
         if self._connections is None:
             return False
+        if self._try_hand_off(transport):
+            return True
+        self._counters.cells[self.index] = self._held() + 1  # kept: counted before uvicorn's protocol adds it
+        return False
+
+    def _try_hand_off(self, transport: asyncio.Transport) -> bool:
         self._held()
         loads = self._counters.loads()  # this worker's own includes what is on its way here
         target = hand_off_target(self.index, loads[self.index], loads)
@@ -283,7 +304,7 @@ class Balancer:
         sock.setblocking(False)
         self._adopting += 1
         self.adopted += 1
-        task = self._loop.create_task(self._loop.connect_accepted_socket(lambda: AutoHTTPProtocol(**arguments), sock))
+        task = self._loop.create_task(self._loop.connect_accepted_socket(lambda: self._http(**arguments), sock))
         task.add_done_callback(self._adopted)
 
     def _adopted(self, task: asyncio.Task[Any]) -> None:

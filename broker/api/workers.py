@@ -112,6 +112,20 @@ def claim_port(host: str, port: int) -> int:
         return int(probe.getsockname()[1])
 
 
+def balance_channels(workers: int) -> BalanceChannels | None:
+    """The workers' balancing channels; None (and a warning) where the system refuses them (a memfd, socketpairs).
+
+    Without them the workers serve what the kernel's hash gives each, as before balancing existed.
+    """
+    try:
+        return BalanceChannels(workers)
+    except OSError as exc:
+        log.warning(
+            "connection balancing unavailable; each worker keeps what it accepts", error=exc.strerror or str(exc)
+        )
+        return None
+
+
 @dataclass
 class _Worker:
     index: int
@@ -154,7 +168,7 @@ class Supervisor:
             first = listen_socket(server.host, self._port)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {server.host}:{server.port}: {exc.strerror or exc}") from None
-        balance = self._balance = BalanceChannels(len(self._workers))
+        balance = self._balance = balance_channels(len(self._workers))
         metrics_dir = Path(tempfile.mkdtemp(prefix="mspc-broker-metrics-"))
         env = dict(os.environ)
         env[MULTIPROC_ENV] = str(metrics_dir)
@@ -179,7 +193,8 @@ class Supervisor:
                 if worker.ready_fd is not None:
                     os.close(worker.ready_fd)
             shutil.rmtree(metrics_dir, ignore_errors=True)
-            balance.close()
+            if balance is not None:
+                balance.close()
 
     def _start(self, worker: _Worker, env: dict[str, str], sock: socket.socket | None = None) -> None:
         """Start ``worker`` on ``sock`` or a new socket of the group; the worker owns it from then on."""

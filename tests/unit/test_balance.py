@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
 
 from broker.api.balance import NOT_SERVING, BalanceChannels, Balancer, hand_off_target
+from broker.api.workers import balance_channels
 
 
 @pytest.mark.parametrize(
@@ -103,3 +105,17 @@ def test_a_worker_deciding_its_whole_share_first_still_ends_even(first: int, sec
         assert held == [16, 16]
     finally:
         channels.close()
+
+
+def test_without_a_memfd_the_workers_run_unbalanced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the system refuses the shared memory (a seccomp profile, say), the supervisor runs without balancing."""
+
+    def refuse(*_args: object) -> int:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "memfd_create", refuse)
+    assert balance_channels(2) is None
+    monkeypatch.undo()
+    channels = balance_channels(2)
+    assert channels is not None
+    channels.close()
