@@ -43,6 +43,10 @@ class TestServe:
         token = client.token()
         assert token.ttl_seconds == 3 and token.partner_key_version
         client.close()
+        # `broker serve` does not say what answers (no Server header).
+        livez = httpx.get(f"{served.url}/livez", timeout=10)
+        assert livez.status_code == 200
+        assert "server" not in livez.headers
 
     def test_rotation_under_load_has_zero_failed_calls(self, served: Served, sim: Any) -> None:
         """Workloads call the Vendor API through a rotation and its grace: no call fails; then the old key dies."""
