@@ -87,12 +87,11 @@ class _Counters:
     def loads(self) -> list[int]:
         """Each worker's published load plus the connections on their way to it (-1: not serving)."""
         cells = self.cells.tolist()
-        n = self.workers
-        loads = cells[:n]
-        for receiver in range(n):
-            if loads[receiver] >= 0:
-                for sender in range(n):
-                    loads[receiver] += cells[n + sender * n + receiver] - cells[n + n * n + sender * n + receiver]
+        loads = cells[: self.workers]
+        for receiver, load in enumerate(loads):
+            if load >= 0:
+                for sender in range(self.workers):
+                    loads[receiver] += cells[self.sent(sender, receiver)] - cells[self.taken(sender, receiver)]
         return loads
 
     def close(self) -> None:
@@ -121,9 +120,10 @@ class BalanceChannels:
 
     def spec(self, index: int) -> tuple[str, tuple[int, ...]]:
         """(the ``--balance`` argument of worker ``index``, the descriptors it must inherit)."""
+        inbox = self._inboxes[index][0].fileno()
         peers = [NOT_SERVING if worker == index else send.fileno() for worker, (_, send) in enumerate(self._inboxes)]
-        fds = (self._memfd, self._inboxes[index][0].fileno(), *(fd for fd in peers if fd != NOT_SERVING))
-        return ",".join(str(n) for n in (index, self._memfd, self._inboxes[index][0].fileno(), *peers)), fds
+        fds = (self._memfd, inbox, *(fd for fd in peers if fd != NOT_SERVING))
+        return ",".join(str(n) for n in (index, self._memfd, inbox, *peers)), fds
 
     def mark_not_serving(self, index: int) -> None:
         """Worker ``index`` is gone (or not started): nobody hands it connections."""
@@ -156,8 +156,6 @@ class Balancer:
         self._timer: asyncio.TimerHandle | None = None
         self._adopting = 0  # received, not yet connected
         self._http = self._counted_http_protocol()
-        self.handed_off = 0
-        self.adopted = 0
 
     @classmethod
     def from_spec(cls, spec: str) -> Balancer:
@@ -272,7 +270,6 @@ class Balancer:
             return False
         finally:
             os.close(duplicate)
-        self.handed_off += 1
         transport.abort()  # closes this worker's descriptor only: the connection lives on in the target's
         return True
 
@@ -303,7 +300,6 @@ class Balancer:
             return
         sock.setblocking(False)
         self._adopting += 1
-        self.adopted += 1
         task = self._loop.create_task(self._loop.connect_accepted_socket(lambda: self._http(**arguments), sock))
         task.add_done_callback(self._adopted)
 
