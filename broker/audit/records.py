@@ -475,6 +475,11 @@ def seal(body: Mapping[str, Any], *, seq: int, ts: str, prev: str) -> tuple[byte
     tail = canonical(after)[1:]  # '"organization_id":...}' without its "{" (never empty: "prev", "seq", "ts")
     if len(head) > 1:
         head += b","
+    return _sealed(head, tail)
+
+
+def _sealed(head: bytes, tail: bytes) -> tuple[bytes, str]:
+    """(the line, its hash) of a record cut where ``"hash"`` goes: the hash is over ``head + tail``."""
     digest = hashlib.sha256(head + tail).hexdigest()
     return b'%s"hash":"%s",%s\n' % (head, digest.encode(), tail), digest
 
@@ -540,8 +545,7 @@ def seal_prepared(record: PreparedRecord, *, seq: int, ts: str, prev: str) -> tu
     """``seal`` for a ``PreparedRecord``: (the line to write, its hash)."""
     r = record
     tail = b"%s%s%s%d%s%s%s" % (r.to_prev, prev.encode(), r.to_seq, seq, r.to_ts, ts.encode(), r.rest)
-    digest = hashlib.sha256(r.head + tail).hexdigest()
-    return b'%s"hash":"%s",%s\n' % (r.head, digest.encode(), tail), digest
+    return _sealed(r.head, tail)
 
 
 def checkpoint_body(key: AuditKey, *, seq: int, ts: str, prev: str) -> dict[str, Any]:
