@@ -7,7 +7,6 @@ chosen, so a Vault deployment never imports boto3 and vice versa.
 
 from __future__ import annotations
 
-import functools
 import string
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -34,14 +33,9 @@ def build_store(settings: Settings, metrics: Metrics | None = None) -> SecretSto
     raise ConfigError(f"store.backend: unknown backend {settings.store.backend!r}")
 
 
-@functools.lru_cache(maxsize=64)
-def _placeholders(template: str) -> frozenset[str]:
-    """The ``{name}`` placeholders of a path template (parsed once: paths are rendered on every token request)."""
-    return frozenset(name for _, name, _, _ in string.Formatter().parse(template) if name is not None)
-
-
 def _render(template: str, setting: str, **values: str) -> str:
-    unknown = _placeholders(template) - values.keys()
+    names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    unknown = names - values.keys()
     if unknown:
         raise ConfigError(f"{setting}: unknown placeholder(s) {sorted(unknown)}; allowed: {sorted(values)}")
     return template.format(**values)
